@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "numpy>=2.0",
     "pillow>=11",
     "absl-py>=2.1",
+    "etils[epath]>=1.5",
     "tqdm>=4.66",
     "matplotlib>=3.9",
     "tensorboardX>=2.6",

@@ -1,0 +1,527 @@
+"""Tests for the launchers: launch/tpu_pod.sh (Cloud TPU) and launch/slurm_gpu.sh (SLURM GPUs).
+
+There is no cloud and no cluster here. gcloud, sbatch, srun and scontrol are replaced by small
+executables first on PATH: "recorders" that log their argv (and keep what was uploaded or
+submitted), or "tripwires" that log and fail, for runs that must not call them at all. The command
+lines meant for the TPU workers, and the generated sbatch script, are then executed locally with a
+stand-in python that records its argv: that proves the quoting round-trips, which reading the text
+alone cannot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TPU = REPO / "launch" / "tpu_pod.sh"
+SLURM = REPO / "launch" / "slurm_gpu.sh"
+
+POD = ["--name=mefem-test", "--zone=us-east5-a", "--accelerator-type=v5p-64", "--workdir=gs://bucket/run"]
+# Training arguments that break naive quoting: spaces, quotes, $, ;, globs and backticks.
+TRICKY_ARGS = ["--config.total_steps=10", "--config.data.train=/data/my faces",
+               "--config.note=it's $HOME; rm -rf * `date`"]
+TRAIN_HEAD = ["-m", "mefem_jax.train", "--config=configs/vitb.py"]
+
+RECORDER = f"""#!{sys.executable} -S
+# Stand-in for gcloud / sbatch: logs its argv, keeps what it was given, succeeds.
+import json, os, shutil, sys
+name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
+with open(os.environ["FAKE_CALLS"], "a") as log:
+    log.write(json.dumps([name] + args) + "\\n")
+if name == "gcloud" and "scp" in args:
+    shutil.copy(args[args.index("scp") + 1], os.environ["FAKE_UPLOADS"])
+if name == "gcloud" and "describe" in args:
+    print(os.environ.get("FAKE_STATE", "ACTIVE"))
+if name == "sbatch":
+    shutil.copy(args[-1], os.environ["FAKE_UPLOADS"])
+    print("Submitted batch job 4242")
+fail_on = os.environ.get("FAKE_FAIL_ON")
+if fail_on and any(fail_on in arg for arg in args):
+    sys.exit(1)
+"""
+
+TRIPWIRE = """#!/bin/sh
+echo "$0 $*" >> "$FAKE_CALLS"
+exit 97
+"""
+
+# What a TPU worker's venv python or a cluster's python3 does here: records how it was started.
+# The stand-ins run with -S (no site-packages): they need only the standard library, and start faster.
+FAKE_PYTHON = f"""#!{sys.executable} -S
+import json, os, sys, time
+record = {{"argv": sys.argv[1:], "cwd": os.getcwd(),
+          "env": {{k: os.environ.get(k) for k in
+                  ("FOO", "JAX_LOCAL_DEVICE_IDS", "SRUN_CPUS_PER_TASK", "SLURM_PROCID")}}}}
+with open(os.environ["FAKE_ARGV"], "a") as log:
+    log.write(json.dumps(record) + "\\n")
+print("step 1 loss 0.5", flush=True)
+time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS", "0")))
+sys.exit(int(os.environ.get("FAKE_TRAIN_STATUS", "0")))
+"""
+
+# srun: strips its own options (logged), then runs the command once per node with that rank.
+FAKE_SRUN = f"""#!{sys.executable} -S
+import json, os, subprocess, sys
+args = sys.argv[1:]
+options = []
+while args and args[0].startswith("-"):
+    options.append(args.pop(0))
+with open(os.environ["FAKE_CALLS"], "a") as log:
+    log.write(json.dumps(["srun"] + options) + "\\n")
+for rank in range(int(os.environ["SLURM_JOB_NUM_NODES"])):
+    env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_LOCALID="0")
+    if subprocess.call(args, env=env):
+        sys.exit(1)
+"""
+
+FAKE_SCONTROL = """#!/bin/sh
+[ "$*" = "show hostnames gpu[007-010]" ] || { echo "fake scontrol: unexpected: $*" >&2; exit 1; }
+printf 'gpu007\\ngpu008\\ngpu009\\ngpu010\\n'
+"""
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+class Fakes:
+    """A bin/ folder of stand-ins, the log of their calls, and where uploads land."""
+
+    def __init__(self, root: Path, body: str):
+        self.root = root
+        self.bin = root / "bin"
+        self.calls_file = root / "calls.jsonl"
+        self.uploads = root / "uploads"
+        self.uploads.mkdir(parents=True)
+        for name in ("gcloud", "sbatch", "srun", "scontrol"):
+            _executable(self.bin / name, body)
+
+    def env(self, **extra: str) -> dict:
+        env = dict(os.environ, PATH=f"{self.bin}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(self.root),
+                   FAKE_CALLS=str(self.calls_file), FAKE_UPLOADS=str(self.uploads))
+        env.update(extra)
+        return env
+
+    def calls(self) -> list[list[str]]:
+        if not self.calls_file.exists():
+            return []
+        return [json.loads(line) for line in self.calls_file.read_text().splitlines()]
+
+
+@pytest.fixture
+def tripwires(tmp_path):
+    return Fakes(tmp_path / "tripwires", TRIPWIRE)
+
+
+@pytest.fixture
+def recorders(tmp_path):
+    return Fakes(tmp_path / "recorders", RECORDER)
+
+
+def run(script: Path, *args: str, env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+def traced(stderr: str) -> list[list[str]]:
+    """The commands a launcher printed ("+ cmd ..."), split the way a shell would."""
+    return [shlex.split(line[2:]) for line in stderr.splitlines() if line.startswith("+ ")]
+
+
+def gcloud_steps(commands: list[list[str]]) -> list[str]:
+    # gcloud compute tpus tpu-vm|queued-resources VERB ...
+    return [c[4] for c in commands if c[0] == "gcloud"]
+
+
+def option(argv: list[str], name: str) -> str:
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(name + "=")]
+    assert len(values) == 1, (name, argv)
+    return values[0]
+
+
+def jax_pin() -> str:
+    match = re.search(r'"jax==([^"]+)"', (REPO / "setup.py").read_text())
+    assert match, "setup.py pins jax"
+    return match.group(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Both launchers
+
+
+@pytest.mark.parametrize("script", [TPU, SLURM], ids=lambda p: p.name)
+def test_launcher_passes_shellcheck(script):
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck missing: it comes with the test extra (pip install -e '.[test]')"
+    result = subprocess.run([shellcheck, "--shell=bash", "--severity=style", str(script)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("script", [TPU, SLURM], ids=lambda p: p.name)
+def test_help_prints_usage_and_exits_zero(script, tripwires):
+    result = run(script, "-h", env=tripwires.env())
+    assert result.returncode == 0
+    assert result.stdout.startswith("Usage:")
+    assert "--dry-run" in result.stdout
+    assert tripwires.calls() == []
+
+
+# --------------------------------------------------------------------------------------------------
+# launch/tpu_pod.sh
+
+
+def test_tpu_dry_run_prints_every_step_and_calls_nothing(tripwires):
+    result = run(TPU, "all", "--dry-run", *POD, "--", *TRICKY_ARGS, env=tripwires.env())
+    assert result.returncode == 0, result.stderr
+    assert not tripwires.calls_file.exists(), "dry run called gcloud"
+
+    gcloud = [c for c in traced(result.stderr) if c[0] == "gcloud"]
+    assert gcloud_steps(gcloud) == ["create", "scp", "ssh", "ssh", "delete"]
+    create, scp, install, train, delete = gcloud
+    assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "mefem-test"]
+    assert {"--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5", "--zone=us-east5-a"} <= set(create)
+    for call in (scp, install, train):
+        assert "--worker=all" in call
+    assert scp[5].endswith("/mefem_jax-src.tar.gz") and scp[6] == "mefem-test:mefem_jax-src.tar.gz"
+    pip = shlex.split(option(install, "--command").split("; ")[-1])
+    assert pip[-3:] == ["-e", ".", f"jax[tpu]=={jax_pin()}"], "jax[tpu] must match setup.py's jax pin"
+    command = option(train, "--command")
+    assert "mefem_jax.train --config=configs/vitb.py --workdir=gs://bucket/run" in command
+    assert delete[4:] == ["delete", "mefem-test", "--quiet", "--zone=us-east5-a"]
+
+
+def _worker_home(tmp_path: Path) -> Path:
+    """A worker's home as `install` leaves it, with a venv python that records how it is run."""
+    home = tmp_path / "home"
+    (home / "mefem_jax" / "configs").mkdir(parents=True)
+    (home / "mefem_jax_run").mkdir()
+    _executable(home / "mefem_jax_venv" / "bin" / "python", FAKE_PYTHON)
+    return home
+
+
+def _on_worker(command: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+    """Runs a --command the way sshd would: the login shell, started in the home directory."""
+    env = dict(os.environ, HOME=str(home), FAKE_ARGV=str(home / "argv.jsonl"), **env)
+    return subprocess.run(["bash", "-c", command], cwd=home, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _records(home: Path) -> list[dict]:
+    return [json.loads(line) for line in (home / "argv.jsonl").read_text().splitlines()]
+
+
+def test_tpu_foreground_train_passes_arguments_verbatim(tripwires, tmp_path):
+    env_value = "a b 'c' $HOME"
+    result = run(TPU, "train", "--dry-run", "--foreground", *POD, f"--env=FOO={env_value}", "--",
+                 *TRICKY_ARGS, env=tripwires.env())
+    assert result.returncode == 0, result.stderr
+    (train,) = [c for c in traced(result.stderr) if c[0] == "gcloud"]
+    assert train[4:7] == ["ssh", "mefem-test", "--worker=all"]
+
+    home = _worker_home(tmp_path)
+    worker = _on_worker(option(train, "--command"), home, FAKE_TRAIN_STATUS="3")
+    assert worker.returncode == 3, "a failed training must fail the ssh call (pipefail through tee)"
+    (record,) = _records(home)
+    assert record["argv"] == [*TRAIN_HEAD, "--workdir=gs://bucket/run", "--multihost", *TRICKY_ARGS]
+    assert record["cwd"] == str(home / "mefem_jax")
+    assert record["env"]["FOO"] == env_value
+    assert "step 1 loss 0.5" in worker.stdout
+    assert "step 1 loss 0.5" in (home / "mefem_jax_run" / "train.log").read_text()
+
+
+def _remote_command(subcommand: str, tripwires: Fakes) -> str:
+    result = run(TPU, subcommand, "--dry-run", *POD, *(["--", *TRICKY_ARGS] if subcommand == "train" else []),
+                 env=tripwires.env())
+    assert result.returncode == 0, result.stderr
+    (call,) = [c for c in traced(result.stderr) if c[0] == "gcloud"]
+    assert option(call, "--worker") == ("0" if subcommand == "logs" else "all")
+    return option(call, "--command")
+
+
+def _wait_for(predicate, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_tpu_detached_train_then_logs_report_the_run(tripwires, tmp_path):
+    home = _worker_home(tmp_path)
+    run_dir = home / "mefem_jax_run"
+    started = _on_worker(_remote_command("train", tripwires), home, FAKE_TRAIN_STATUS="3")
+    assert started.returncode == 0, started.stderr
+    assert "training started" in started.stdout
+    assert _wait_for(lambda: (run_dir / "train.exit").exists()), "detached run never finished"
+    assert (run_dir / "train.exit").read_text().strip() == "3"
+    (record,) = _records(home)
+    assert record["argv"] == [*TRAIN_HEAD, "--workdir=gs://bucket/run", "--multihost", *TRICKY_ARGS]
+
+    logs = _on_worker(_remote_command("logs", tripwires), home)
+    assert logs.returncode == 3, "logs exits with training's status"
+    assert "step 1 loss 0.5" in logs.stdout
+    assert "training exited with status 3" in logs.stdout
+
+
+def test_tpu_refuses_a_second_run_and_stop_terminates_the_first(tripwires, tmp_path):
+    home = _worker_home(tmp_path)
+    train = _remote_command("train", tripwires)
+    started = _on_worker(train, home, FAKE_TRAIN_SECONDS="30")
+    assert started.returncode == 0, started.stderr
+    pgid = int((home / "mefem_jax_run" / "train.pid").read_text())
+    try:
+        assert _wait_for(lambda: (home / "argv.jsonl").exists()), "training never started"
+        again = _on_worker(train, home)
+        assert again.returncode == 1
+        assert "a training run is active" in again.stderr
+
+        stopped = _on_worker(_remote_command("stop", tripwires), home)
+        assert stopped.returncode == 0, stopped.stderr
+        assert "SIGTERM sent" in stopped.stdout
+        assert _wait_for(lambda: not _group_alive(pgid)), "stop left the training running"
+        assert "no training running" in _on_worker(_remote_command("stop", tripwires), home).stdout
+    finally:
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def test_tpu_all_runs_create_install_train_delete_in_order(recorders):
+    result = run(TPU, "all", *POD, "--", *TRICKY_ARGS, env=recorders.env())
+    assert result.returncode == 0, result.stderr
+    calls = recorders.calls()
+    assert gcloud_steps(calls) == ["create", "scp", "ssh", "ssh", "delete"]
+    assert calls == [c for c in traced(result.stderr) if c[0] == "gcloud"], "printed != executed"
+    assert "uv pip install" in option(calls[2], "--command")
+    assert "mefem_jax.train" in option(calls[3], "--command")
+
+    # What went to the workers: this checkout as git sees it, without .git or ignored files.
+    with tarfile.open(recorders.uploads / "mefem_jax-src.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"setup.py", "mefem_jax/train.py", "configs/vitb.py", "launch/tpu_pod.sh"} <= names
+    assert not [n for n in names if n.startswith(".git/") or "__pycache__" in n]
+    assert not Path(calls[1][5]).exists(), "the staged tarball outlived the run"
+
+
+@pytest.mark.parametrize("failing, steps", [
+    ("mefem_jax.train", ["create", "scp", "ssh", "ssh", "delete"]),
+    ("uv pip install", ["create", "scp", "ssh", "delete"]),
+], ids=["training-fails", "install-fails"])
+def test_tpu_all_deletes_the_tpu_when_a_step_fails(recorders, failing, steps):
+    result = run(TPU, "all", *POD, env=recorders.env(FAKE_FAIL_ON=failing))
+    assert result.returncode != 0
+    assert gcloud_steps(recorders.calls()) == steps
+    assert "tearing down mefem-test" in result.stderr
+
+
+def test_tpu_queued_resource_create_waits_for_active_and_delete_forces(recorders):
+    created = run(TPU, "create", "--queued", "--spot", "--create-arg=--reserved", *POD, env=recorders.env())
+    assert created.returncode == 0, created.stderr
+    deleted = run(TPU, "delete", "--queued", *POD, env=recorders.env())
+    assert deleted.returncode == 0, deleted.stderr
+    create, describe, delete = recorders.calls()
+    assert create[3:6] == ["queued-resources", "create", "mefem-test"]
+    assert {"--node-id=mefem-test", "--accelerator-type=v5p-64", "--runtime-version=v2-alpha-tpuv5",
+            "--spot", "--reserved", "--zone=us-east5-a"} <= set(create)
+    assert describe[3:6] == ["queued-resources", "describe", "mefem-test"]
+    assert "--format=value(state.state)" in describe
+    assert delete[3:] == ["queued-resources", "delete", "mefem-test", "--force", "--quiet", "--zone=us-east5-a"]
+
+
+def test_tpu_all_deletes_a_queued_request_that_failed(recorders):
+    result = run(TPU, "all", "--queued", *POD, env=recorders.env(FAKE_STATE="FAILED"))
+    assert result.returncode != 0
+    assert "queued resource mefem-test is FAILED" in result.stderr
+    assert [c[3:5] for c in recorders.calls()] == [
+        ["queued-resources", "create"], ["queued-resources", "describe"], ["queued-resources", "delete"]]
+
+
+def test_tpu_installs_from_a_git_requirement(tripwires):
+    requirement = "mefem_jax @ git+https://github.com/example/mefem_jax@v0.1.0"
+    result = run(TPU, "install", "--dry-run", *POD, f"--install-from={requirement}", env=tripwires.env())
+    assert result.returncode == 0, result.stderr
+    commands = traced(result.stderr)
+    tar = [c for c in commands if c[0] == "tar"]
+    assert len(tar) == 1 and tar[0][-3:] == ["-C", str(REPO), "configs"], "only configs/ is shipped"
+    (install,) = [c for c in commands if c[0] == "gcloud" and c[4] == "ssh"]
+    pip = shlex.split(option(install, "--command").split("; ")[-1])
+    assert pip[-2:] == [requirement, f"jax[tpu]=={jax_pin()}"]
+    assert "-e" not in pip
+
+
+def test_tpu_installs_from_a_wheel(recorders, tmp_path):
+    wheel = tmp_path / "dist" / "mefem_jax-0.1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: only its name and travel matter here
+    result = run(TPU, "install", *POD, f"--install-from={wheel}", env=recorders.env())
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(recorders.uploads / "mefem_jax-src.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"configs/vitb.py", wheel.name} <= names
+    assert "mefem_jax/train.py" not in names
+    (_, install) = recorders.calls()
+    pip = shlex.split(option(install, "--command").split("; ")[-1])
+    assert pip[-2:] == [f"./{wheel.name}", f"jax[tpu]=={jax_pin()}"]
+
+
+def test_tpu_warns_when_workdir_is_not_on_gcs(tripwires):
+    result = run(TPU, "train", "--dry-run", *POD[:2], "--workdir=/tmp/run", env=tripwires.env())
+    assert result.returncode == 0, result.stderr
+    assert "warning: --workdir '/tmp/run' is not on gs://" in result.stderr
+
+
+NAME_ZONE = ["--name=mefem-test", "--zone=us-east5-a"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "Usage:"),
+    (["launch", *NAME_ZONE], "unknown subcommand 'launch'"),
+    (["create", "--zone=us-east5-a", "--accelerator-type=v5p-64"], "--name is required"),
+    (["create", "--name=Mefem_Test", "--zone=us-east5-a", "--accelerator-type=v5p-64"], "--name 'Mefem_Test'"),
+    (["create", "--name=mefem-test", "--accelerator-type=v5p-64"], "--zone is required"),
+    (["create", *NAME_ZONE], "create needs --accelerator-type"),
+    (["create", *NAME_ZONE, "--accelerator-type=v5p"], "does not look like v5p-64"),
+    (["create", *NAME_ZONE, "--accelerator-type=v9z-8"], "no default runtime version for 'v9z-8'"),
+    (["create", *NAME_ZONE, "--accelerator-type=v4-8", "--queued", "--preemptible"], "use --spot with --queued"),
+    (["create", *NAME_ZONE, "--accelerator-type=v4-8", "--spot", "--preemptible"], "exclude each other"),
+    (["create", *NAME_ZONE, "--accelerator-type=v4-8", "--bogus"], "unknown option '--bogus'"),
+    (["create", *NAME_ZONE, "--accelerator-type"], "--accelerator-type needs a value"),
+    (["create", *NAME_ZONE, "--accelerator-type=v4-8", "--spot=yes"], "--spot takes no value"),
+    (["train", *NAME_ZONE], "train needs --workdir"),
+    (["train", *NAME_ZONE, "--workdir=gs://b/r", "--config=configs/nope.py"], "'configs/nope.py' not found"),
+    (["train", *NAME_ZONE, "--workdir=gs://b/r", "--", "--workdir=gs://other"], "pass --workdir to the launcher"),
+    (["train", *NAME_ZONE, "--workdir=gs://b/r", "--", "--num_processes=2"], "not needed on TPU"),
+    (["train", *NAME_ZONE, "--workdir=gs://b/r", "--env=NOVALUE"], "--env 'NOVALUE' must be KEY=VALUE"),
+    (["delete", *NAME_ZONE, "--", "--config.total_steps=1"], "only go with train or all"),
+    (["logs", *NAME_ZONE, "--worker=first"], "--worker 'first'"),
+    (["install", *NAME_ZONE, "--install-from=/nowhere/mefem_jax-0.1.0-py3-none-any.whl"], "not found"),
+    (["install", *NAME_ZONE, "--install-from=./some/dir"], "must be a .whl file"),
+])
+def test_tpu_rejects_bad_arguments_before_calling_gcloud(tripwires, args, message):
+    result = run(TPU, *args, env=tripwires.env())
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not tripwires.calls_file.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# launch/slurm_gpu.sh
+
+
+def _slurm_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--account=proj", "--time=48:00:00",
+            "--cpus-per-task=32", "--sbatch-arg=--exclusive", "--env=FOO=a b", f"--workdir={tmp_path}/run",
+            f"--log-dir={tmp_path}/logs", *extra, "--", *TRICKY_ARGS]
+
+
+def test_slurm_dry_run_prints_script_and_submits_nothing(tripwires, tmp_path):
+    result = run(SLURM, "--dry-run", *_slurm_args(tmp_path), env=tripwires.env())
+    assert result.returncode == 0, result.stderr
+    assert not tripwires.calls_file.exists(), "dry run called sbatch"
+    lines = result.stdout.splitlines()
+    for directive in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=32",
+                      "--partition=gpu", "--account=proj", "--time=48:00:00", "--exclusive",
+                      f"--chdir={REPO}", f"--output={tmp_path}/logs/%x-%j.out"):
+        assert f"#SBATCH {directive}" in lines
+    assert 'nodes=$(scontrol show hostnames "$SLURM_JOB_NODELIST")' in lines
+    assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in lines
+    (sbatch,) = traced(result.stderr)
+    assert sbatch[0] == "sbatch" and sbatch[1].startswith(f"{tmp_path}/logs/mefem_jax-")
+    assert not (tmp_path / "logs").exists(), "dry run wrote files"
+
+    script = tmp_path / "job.sbatch"
+    script.write_text(result.stdout)
+    checked = subprocess.run([shutil.which("shellcheck") or "shellcheck", "--severity=style", str(script)],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout
+
+
+@pytest.mark.parametrize("port", [None, 23456], ids=["port-from-job-id", "fixed-port"])
+def test_slurm_script_starts_one_process_per_node_with_the_coordinator(tripwires, tmp_path, port):
+    fake_python = _executable(tmp_path / "py" / "python", FAKE_PYTHON)
+    extra = [f"--python={fake_python}"] + ([f"--coordinator-port={port}"] if port else [])
+    result = run(SLURM, "--dry-run", *_slurm_args(tmp_path, *extra), env=tripwires.env())
+    assert result.returncode == 0, result.stderr
+    script = tmp_path / "job.sbatch"
+    script.write_text(result.stdout)
+
+    # Run it as SLURM would on the first node of a 4-node allocation.
+    cluster = Fakes(tmp_path / "cluster", RECORDER)
+    _executable(cluster.bin / "srun", FAKE_SRUN)
+    _executable(cluster.bin / "scontrol", FAKE_SCONTROL)
+    job_id = 123456
+    env = cluster.env(SLURM_JOB_NODELIST="gpu[007-010]", SLURM_JOB_ID=str(job_id), SLURM_JOB_NUM_NODES="4",
+                      SLURM_CPUS_PER_TASK="32", FAKE_ARGV=str(tmp_path / "argv.jsonl"))
+    job = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert job.returncode == 0, job.stderr
+
+    coordinator = f"gpu007:{port or 61440 + job_id % 4096}"
+    assert f"coordinator {coordinator}" in job.stdout
+    (srun,) = cluster.calls()
+    assert srun == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    records = [json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    for rank, record in enumerate(records):
+        assert record["argv"] == [*TRAIN_HEAD, f"--workdir={tmp_path}/run", *TRICKY_ARGS,
+                                  f"--coordinator_address={coordinator}", "--num_processes=4",
+                                  f"--process_id={rank}"]
+        assert record["env"] == {"FOO": "a b", "JAX_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7",
+                                 "SRUN_CPUS_PER_TASK": "32", "SLURM_PROCID": str(rank)}
+
+
+def test_slurm_submits_the_script_it_prints(recorders, tripwires, tmp_path):
+    preview = run(SLURM, "--dry-run", *_slurm_args(tmp_path), env=tripwires.env())
+    submitted = run(SLURM, *_slurm_args(tmp_path), env=recorders.env())
+    assert submitted.returncode == 0, submitted.stderr
+    assert "Submitted batch job 4242" in submitted.stdout
+    (call,) = recorders.calls()
+    assert call == traced(submitted.stderr)[0]
+    assert call[0] == "sbatch" and Path(call[1]).parent == tmp_path / "logs"
+    assert Path(call[1]).read_text() == preview.stdout
+    assert (recorders.uploads / Path(call[1]).name).read_text() == preview.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes=2"], "--workdir is required"),
+    (["--workdir=/shared/run", "--nodes=0"], "--nodes '0' must be a positive integer"),
+    (["--workdir=/shared/run", "--gpus-per-node=eight"], "--gpus-per-node 'eight'"),
+    (["--workdir=/shared/run", "--time=tomorrow"], "--time 'tomorrow' is not a SLURM time"),
+    (["--workdir=/shared/run", "--coordinator-port=70000"], "must be a port number"),
+    (["--workdir=/shared/run", "--job-name=my job"], "--job-name 'my job'"),
+    (["--workdir=/shared/run", "--sbatch-arg=exclusive"], "must be one sbatch option"),
+    (["--workdir=/shared/run", "--venv=/nonexistent/venv"], "no /nonexistent/venv/bin/activate"),
+    (["--workdir=/shared/run", "--config=configs/nope.py"], "'configs/nope.py' not found"),
+    (["--workdir=/shared/run", "--env=NOVALUE"], "must be KEY=VALUE"),
+    (["--workdir=/shared/run", "--bogus"], "unknown option '--bogus'"),
+    (["--workdir"], "--workdir needs a value"),
+    (["--workdir=/shared/run", "--", "--process_id=3"], "set by the job script"),
+    (["--workdir=/shared/run", "--", "--config=configs/vits.py"], "pass --config to the launcher"),
+])
+def test_slurm_rejects_bad_arguments_before_calling_sbatch(tripwires, args, message):
+    result = run(SLURM, *args, env=tripwires.env())
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not tripwires.calls_file.exists()
