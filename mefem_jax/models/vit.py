@@ -1,0 +1,233 @@
+"""The ViT encoder: a pre-norm Vision Transformer that is timm's `VisionTransformer` by construction.
+
+Every choice here exists so that a parameter tree trained in JAX exports to a timm
+`vit_*_patch16_*` state dict (see `mefem_jax/export.py`) and reproduces its features:
+
+* pre-norm blocks, LayerNorm eps 1e-6 with the two-pass variance torch uses, fused qkv with
+  bias, an MLP with *exact* (erf) GELU, a final LayerNorm; CLS token prepended;
+* the patch embedding is a conv with kernel = stride = patch on NHWC images, flattened
+  row-major over the (H/p, W/p) grid exactly like timm's `flatten(2).transpose(1, 2)`;
+* the position embedding covers `1 + N` tokens with a row for CLS. With `posemb="sincos"`
+  it is a fixed 2D sin-cos table (zero at CLS), written into timm's learned `pos_embed`
+  at export time; with `posemb="learn"` it is a trainable parameter.
+
+For I-JEPA training the encoder also sees *subsets* of patches: `patch_idx` picks which grid
+cells enter the sequence (static K, so one compilation), `patch_valid` marks padding slots
+and `cls_visible` hides CLS. Hidden tokens are removed as attention *keys*, so no visible
+token's output depends on them; they still get an output row (which the caller ignores).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# name -> (width, depth, heads), the standard ViT sizes (Dosovitskiy et al.; DeiT for Ti).
+VARIANTS = {"Ti": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
+
+# The std of a unit normal truncated at +-2 sigma. torch's `trunc_normal_(std=.02, a=-2, b=2)`
+# (timm, MAE, I-JEPA) truncates at +-2 in absolute units, i.e. at +-100 sigma: in effect an
+# untruncated N(0, 0.02^2). JAX's `truncated_normal` truncates at +-2 sigma and does not
+# rescale, which would give std 0.0176. We keep the +-2 sigma bound (no far outliers) and
+# divide the std by this factor so the weights have the std the recipes were tuned for.
+_TRUNC2_STD = 0.87962566103423978
+
+
+def trunc_normal(std: float = 0.02) -> nn.initializers.Initializer:
+    """Init with standard deviation exactly `std`: a normal cut at +-2 of its own sigma, rescaled."""
+    return nn.initializers.truncated_normal(stddev=std / _TRUNC2_STD)
+
+
+def sincos_pos_embed(width: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Fixed 2D sin-cos position table, float32 `(1, 1 + grid_h * grid_w, width)`.
+
+    Row 0 (CLS) is zero. Patch rows are in row-major grid order. Layout follows MAE / I-JEPA:
+    the first `width/2` channels encode the column, the last `width/2` the row; within each
+    half, `width/4` sines then `width/4` cosines of `pos * omega_i`, with
+    `omega_i = 1 / 10000^(i / (width/4))`. Computed in float64, then rounded once.
+    """
+    if width % 4:
+        raise ValueError(f"sin-cos position embedding needs width divisible by 4, got {width}")
+    quarter = width // 4
+    omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64),
+                             np.arange(grid_w, dtype=np.float64), indexing="ij")
+
+    def encode(pos: np.ndarray) -> np.ndarray:  # (N,) -> (N, width/2)
+        angles = pos.reshape(-1)[:, None] * omega[None, :]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    patches = np.concatenate([encode(cols), encode(rows)], axis=1)
+    table = np.concatenate([np.zeros((1, width)), patches], axis=0)
+    return table[None].astype(np.float32)
+
+
+def layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
+    # use_fast_variance=False: E[x^2] - E[x]^2 loses digits; torch computes E[(x - mean)^2].
+    return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, kernel_init=trunc_normal(),
+                    bias_init=nn.initializers.zeros, name=name)
+
+
+def key_mask(valid: jax.Array | None) -> jax.Array | None:
+    """Bool `[B, S]` key validity -> the `[B, 1, 1, S]` mask `dot_product_attention` broadcasts."""
+    return None if valid is None else valid[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm's layout: out = [3, heads, dh])."""
+    heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        b, t, width = x.shape
+        qkv = _dense(3 * width, self.dtype, "qkv")(x)
+        q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.heads, width // self.heads), 2, 0)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H] in and out
+        return _dense(width, self.dtype, "proj")(out.reshape(b, t, width))
+
+
+class Mlp(nn.Module):
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _dense(self.hidden, self.dtype, "fc1")(x)
+        h = nn.gelu(h, approximate=False)  # timm / I-JEPA use exact GELU; nn.gelu defaults to tanh
+        return _dense(x.shape[-1], self.dtype, "fc2")(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. `mask`: bool `[B, 1, 1, S]` of usable keys, or None for all."""
+    heads: int
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = x + Attention(self.heads, self.dtype, name="attn")(layer_norm(self.dtype, "norm1")(x), mask)
+        hidden = int(x.shape[-1] * self.mlp_ratio)
+        return x + Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
+
+
+def block_class(remat: bool) -> type[Block]:
+    """`Block`, or its rematerialised version (activations recomputed in the backward pass)."""
+    return nn.remat(Block) if remat else Block
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens, `[B, H, W, C]` -> `[B, (H/p) * (W/p), width]` row-major."""
+    width: int
+    patch_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch_size
+        x = nn.Conv(self.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                    dtype=self.dtype, kernel_init=trunc_normal(),
+                    bias_init=nn.initializers.zeros, name="proj")(images)
+        return x.reshape(x.shape[0], -1, self.width)
+
+
+class ViT(nn.Module):
+    """ViT encoder. Parameters are float32; `dtype` is the compute dtype."""
+    width: int
+    depth: int
+    heads: int
+    patch_size: int = 16
+    image_size: int = 224
+    mlp_ratio: float = 4.0
+    posemb: str = "sincos"  # "sincos" (fixed) | "learn"
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch_size}")
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @nn.compact
+    def __call__(self, images: jax.Array, patch_idx: jax.Array | None = None,
+                 patch_valid: jax.Array | None = None,
+                 cls_visible: jax.Array | None = None) -> jax.Array:
+        """Encode a batch; returns final-LayerNormed tokens `[B, 1 + K, width]`, CLS first.
+
+        images:      float `[B, H, W, 3]`, already normalised, H = W = image_size.
+        patch_idx:   int32 `[B, K]` cells of the row-major patch grid to encode; None = all, in order.
+        patch_valid: bool `[B, K]`; False marks a padding slot, which no token attends to.
+        cls_visible: bool `[B]`; False hides CLS from every token (MeFEm CLS reassignment).
+        """
+        gh, gw = self.grid
+        if images.shape[1:3] != (gh * self.patch_size, gw * self.patch_size):
+            raise ValueError(f"expected {self.image_size}px images, got shape {images.shape}")
+        batch = images.shape[0]
+
+        x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images)
+        cls = self.param("cls_token", trunc_normal(), (1, 1, self.width), jnp.float32)
+        if self.posemb == "learn":
+            pos = self.param("pos_embed", trunc_normal(), (1, 1 + gh * gw, self.width), jnp.float32)
+        elif self.posemb == "sincos":
+            pos = jnp.asarray(sincos_pos_embed(self.width, gh, gw))
+        else:
+            raise ValueError(f"posemb must be 'sincos' or 'learn', got {self.posemb!r}")
+
+        # Positions are added on the full grid and then gathered, so a token keeps the position of
+        # the cell it came from whatever subset is encoded.
+        x = x + pos[:, 1:].astype(x.dtype)
+        if patch_idx is not None:
+            x = jnp.take_along_axis(x, patch_idx[:, :, None], axis=1)
+        cls = jnp.broadcast_to((cls + pos[:, :1]).astype(x.dtype), (batch, 1, self.width))
+        x = jnp.concatenate([cls, x], axis=1)
+
+        # Keys: CLS where visible, patches where valid. None (no mask at all) when everything is
+        # visible, which lets fused attention kernels skip masking.
+        mask = None
+        if patch_valid is not None or cls_visible is not None:
+            k = x.shape[1] - 1
+            cls_key = jnp.ones((batch,), bool) if cls_visible is None else cls_visible
+            patch_key = jnp.ones((batch, k), bool) if patch_valid is None else patch_valid
+            mask = key_mask(jnp.concatenate([cls_key[:, None], patch_key], axis=1))
+
+        block = block_class(self.remat)
+        for i in range(self.depth):
+            x = block(self.heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x, mask)
+        return layer_norm(self.dtype, "norm")(x)
+
+
+def compute_dtype(name: str) -> Any:
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def encoder_dims(model_cfg) -> tuple[int, int, int]:
+    """(width, depth, heads) of the encoder: the variant's, with any explicit override applied."""
+    if model_cfg.variant not in VARIANTS:
+        raise ValueError(f"model.variant must be one of {sorted(VARIANTS)}, got {model_cfg.variant!r}")
+    dims = VARIANTS[model_cfg.variant]
+    overrides = (model_cfg.get("width"), model_cfg.get("depth"), model_cfg.get("heads"))
+    width, depth, heads = (o if o is not None else d for o, d in zip(overrides, dims))
+    if width % heads:
+        raise ValueError(f"width {width} is not divisible by heads {heads}")
+    return width, depth, heads
+
+
+def encoder_from_config(model_cfg) -> ViT:
+    """Build the encoder from the `model` ConfigDict (variant, patch_size, image_size, posemb,
+    dtype, remat and optional width/depth/heads overrides)."""
+    width, depth, heads = encoder_dims(model_cfg)
+    return ViT(width=width, depth=depth, heads=heads, patch_size=model_cfg.patch_size,
+               image_size=model_cfg.image_size, posemb=model_cfg.posemb,
+               dtype=compute_dtype(model_cfg.dtype), remat=bool(model_cfg.remat))

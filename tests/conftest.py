@@ -1,0 +1,111 @@
+"""Shared test setup: the torchvision workaround, the `slow` marker, real faces and tiny configs."""
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.util
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+# Must run before any test module imports timm or torchvision: on machines with a CPU torch and
+# a CUDA torchvision build that import fails otherwise (DESIGN.md section 8).
+if importlib.util.find_spec("torch") is not None:
+    import torch
+
+    if torch.version.cuda is None:
+        from mefem_jax.export import declare_torchvision_ops
+
+        declare_torchvision_ops()
+
+UTKFACE = (Path(__file__).parents[1] / "../shared/data/utkface").resolve()
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes long; excluded from CI (-m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def utkface_dir() -> Path:
+    """The UTKFace crops shared beside the repository (never copied into it)."""
+    if not (UTKFACE / "labels.csv").is_file():
+        pytest.skip(f"UTKFace faces not found at {UTKFACE} (expected ../shared/data/utkface)")
+    return UTKFACE
+
+
+@pytest.fixture(scope="session")
+def faces(utkface_dir):
+    """faces(n, size) -> float32 [n, size, size, 3]: the first n test-split faces of labels.csv,
+    resized (bicubic) and ImageNet-normalised, as a timm user would feed them."""
+    from PIL import Image
+
+    with open(utkface_dir / "labels.csv", newline="") as f:
+        files = [row["file"] for row in csv.DictReader(f) if row["split"] == "test"]
+
+    def load(n: int, size: int) -> np.ndarray:
+        out = []
+        for name in files[:n]:
+            with Image.open(utkface_dir / "images" / name) as im:
+                im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+            out.append((np.asarray(im, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)
+        return np.stack(out)
+
+    return load
+
+
+@pytest.fixture
+def model_cfg():
+    """model_cfg(**fields) -> the `model` ConfigDict; defaults are a 2-block width-64 encoder
+    on 112 px images (7x7 grid), small enough for the CPU."""
+    def make(**fields) -> ml_collections.ConfigDict:
+        cfg = dict(variant="Ti", patch_size=16, image_size=112, posemb="sincos", dtype="float32",
+                   remat=False, width=64, depth=2, heads=2)
+        cfg.update(fields)
+        return ml_collections.ConfigDict(cfg)
+
+    return make
+
+
+@pytest.fixture
+def random_params():
+    """random_params(params, seed): every leaf made non-trivial, so a conversion test exercises
+    each one (fresh init has zero biases and unit LayerNorm scales, which hide transposes)."""
+    from flax import traverse_util
+
+    def make(params, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        flat = traverse_util.flatten_dict(params, sep="/")
+        out = {}
+        for path, leaf in flat.items():
+            noise = rng.standard_normal(leaf.shape).astype(np.float32)
+            if path.endswith("scale"):
+                out[path] = 1.0 + 0.2 * noise
+            elif path.endswith("bias"):
+                out[path] = 0.1 * noise
+            else:
+                out[path] = 0.05 * noise
+        return jax.tree_util.tree_map(np.asarray, traverse_util.unflatten_dict(out, sep="/"))
+
+    return make
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, *inputs):
+    return model.apply({"params": params}, *inputs)
+
+
+@pytest.fixture(scope="session")
+def forward():
+    """forward(model, params, *inputs) -> numpy: `model.apply` jitted, at "highest" matmul
+    precision (parity tests). One jitted function for all test files, so a model that two
+    files use (ViT-Ti at 224) compiles once per session: compiling beats op-by-op dispatch."""
+    def run(model, params, *inputs):
+        with jax.default_matmul_precision("highest"):
+            return np.asarray(_apply(model, params, *inputs))
+
+    return run
