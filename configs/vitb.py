@@ -1,0 +1,19 @@
+"""MeFEm-B: ViT-B/16 at 224 px, the size of the released MeFEm-B weights.
+
+    python -m mefem_jax.train --config=configs/vitb.py --workdir=gs://bucket/mefem_b
+    python -m mefem_jax.train --config=configs/vitb.py:smoke --workdir=/tmp/mefem_smoke   # 2-core CPU, minutes
+
+Recipe: I-JEPA's (DESIGN.md 3.5) with MeFEm's axial-stripe masking, circular loss weighting and CLS
+reassignment switched on. Batch 2048 for ~150k steps is ~300 epochs of a 1M-face corpus.
+"""
+from mefem_jax.config import base_config, finish
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.model.variant = "B"
+    c.predictor.update(width=384, depth=6)
+    c.data.batch_size = 2048
+    c.total_steps = 150_000
+    c.optim.warmup_steps = 20_000
+    return finish(c, arg)

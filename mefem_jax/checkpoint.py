@@ -1,0 +1,155 @@
+"""Orbax checkpoints of a training run: the train state, the Grain iterator and the config, as one step.
+
+    WORKDIR/checkpoints/<step>/{state, data, config}
+
+Saving the data iterator with the model is what makes a resumed run *bit-identical* to an uninterrupted
+one: it continues from the exact next batch, and the step's randomness is `fold_in(rng, step)`. Saves are
+asynchronous (the step loop continues while the arrays are written) and atomic: Orbax writes into a
+temporary folder and renames it when complete, so a run killed mid-save leaves the previous checkpoint as
+the newest complete one. A newest checkpoint that exists but cannot be read (truncated, deleted files) is
+skipped with a warning and the one before it is used.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import grain
+from etils import epath
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+# Config sections whose change makes old parameters or optimizer state meaningless for the new run.
+INCOMPATIBLE_KEYS = (
+    ("model", ("variant", "patch_size", "image_size", "posemb", "width", "depth", "heads")),
+    ("predictor", ("width", "depth", "heads")),
+)
+
+
+class IncompatibleCheckpointError(ValueError):
+    pass
+
+
+def checkpoint_dir(workdir: str | Path) -> epath.Path:
+    """WORKDIR/checkpoints; local paths made absolute (Orbax requires it), gs:// left as is."""
+    workdir = str(workdir)
+    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / "checkpoints"
+
+
+class Checkpointer:
+    def __init__(self, workdir: str | Path, every_steps: int, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = checkpoint_dir(workdir)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(int(every_steps), 1),
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of a save that a kill interrupted
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # ------------------------------------------------------------------------------------ save
+
+    def save(self, step: int, state, data_iterator, config, force: bool = False) -> bool:
+        """Saves when `step` is on the save interval (or `force`); returns whether a save started."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        )
+        return self.manager.save(int(step), args=args, force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # --------------------------------------------------------------------------------- restore
+
+    def steps(self) -> list[int]:
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, abstract_state, data_iterator, config) -> tuple[Any, int]:
+        """The newest readable checkpoint restored onto `abstract_state`'s shardings, or (None, 0).
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `sharding` set, so the arrays land
+        directly on the current mesh whatever mesh wrote them. `data_iterator` is restored in place.
+        """
+        for step in reversed(self.steps()):
+            saved_config = self._read_config(step)
+            if saved_config is not None:
+                check_compatible(saved_config, config)
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                ))
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back, loudly
+                logging.warning("checkpoint at step %d in %s cannot be restored (%s: %s); trying the previous one",
+                                step, self.directory, type(e).__name__, e)
+                continue
+            logging.info("resumed from step %d in %s", step, self.directory)
+            return restored.state, step
+        return None, 0
+
+    def _read_config(self, step: int) -> dict | None:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception:  # noqa: BLE001 - an unreadable config is reported by the state restore below
+            return None
+
+
+def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
+    """Refuses to resume when a shape-defining knob changed; lists every such change."""
+    current = json.loads(config.to_json_best_effort())
+    problems = []
+    for section, keys in INCOMPATIBLE_KEYS:
+        for key in keys:
+            old = saved.get(section, {}).get(key)
+            new = current.get(section, {}).get(key)
+            if old != new:
+                problems.append(f"{section}.{key}: checkpoint has {old!r}, this run has {new!r}")
+    if problems:
+        raise IncompatibleCheckpointError(
+            "the workdir holds checkpoints of a different model; use a new --workdir or restore the settings:\n  "
+            + "\n  ".join(problems))
+
+
+def with_shardings(abstract, shardings):
+    """Attaches target shardings to an eval_shape result, for restoring onto the current mesh."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def load_params_for_eval(workdir: str | Path, which: str = "target", step: int | None = None):
+    """(encoder params, model config dict, step) from a training workdir, without the optimizer state.
+
+    `which="target"` is the EMA target encoder (the one I-JEPA evaluates), `"context"` the online one.
+    """
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoints/ folder in {workdir}")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available: {steps}")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             config=ocp.args.JsonRestore()))
+    state, config = restored.state, restored.config
+    if which == "target":
+        params = state["target_params"]
+    elif which == "context":
+        params = state["params"]["encoder"]
+    else:
+        raise ValueError(f"which must be 'target' or 'context', got {which!r}")
+    manager.close()
+    return jax.tree.map(lambda x: jax.device_get(x), params), config, step

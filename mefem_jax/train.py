@@ -1,0 +1,213 @@
+"""MeFEm pretraining entry point.
+
+    python -m mefem_jax.train --config=configs/vitb.py --workdir=DIR [--config.key=value ...]
+    python -m mefem_jax.train --config=configs/vitb.py:smoke --workdir=/tmp/mefem_smoke   # CPU, minutes
+
+With `--config.data.train=synthetic` (the default) it trains on the embedded procedural faces, so it runs
+on any machine; point `data.train` at a shard folder (`python -m mefem_jax.data.build_shards`) or at
+`tfds:NAME` for real faces. Writes to DIR: config.json, metrics.jsonl, TensorBoard events (tb/),
+checkpoints/ (Orbax: train state + data iterator + config), and plots/loss.png at the end. Re-running
+the same command resumes from the newest complete checkpoint; SIGTERM (preemption) saves before exit.
+
+The loop does no host work per step beyond fetching the next batch: metrics stay on device and are
+pulled only every `log_every` steps (and before each save), where the loss is checked for NaN/Inf.
+"""
+from __future__ import annotations
+
+import json
+import logging as logging_std
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+from etils import epath
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from mefem_jax import sharding
+from mefem_jax.checkpoint import Checkpointer, with_shardings
+from mefem_jax.data.pipeline import make_train_iterator
+from mefem_jax.metric_writer import MetricWriter, plot_loss
+from mefem_jax.train_step import build, init_state, make_train_step
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py[:smoke].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (metrics, checkpoints, plots); local or gs://.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for clusters jax cannot detect (TPU pods and SLURM can).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total processes, with --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Join a multi-host run that jax detects itself (TPU pods).")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Preemption:
+    """Turns SIGTERM/SIGINT into a flag the loop polls, so the current step finishes and is saved."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("received signal %d: saving a checkpoint after this step, then exiting", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config, workdir: str | Path) -> dict:
+    """Runs (or resumes) the run in `workdir` up to `config.total_steps`; returns the last logged metrics."""
+    workdir = epath.Path(workdir)
+    is_lead = jax.process_index() == 0
+    if is_lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.log_mesh(mesh)
+    pieces = build(config)
+    rng = jax.random.PRNGKey(config.seed)
+    init_fn = lambda r: init_state(pieces, r)  # noqa: E731
+    abstract = jax.eval_shape(init_fn, rng)
+    state_sh = sharding.state_shardings(abstract, pieces.tx, mesh, min_fsdp_size=config.mesh.min_fsdp_size)
+    batch_sh = sharding.batch_sharding(mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    batch_size = config.data.batch_size
+    if batch_size % mesh.size:
+        raise ValueError(f"data.batch_size={batch_size} must be divisible by the {mesh.size} devices")
+    data_it = make_train_iterator(config.data, image_size=config.model.image_size, global_batch_size=batch_size,
+                                  seed=config.seed, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+
+    ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
+    state, start = ckpt.restore_latest(with_shardings(abstract, state_sh), data_it, config)
+    if state is None:
+        # Parameters are created directly in their shards: no host ever holds a full copy.
+        state = jax.jit(init_fn, out_shardings=state_sh)(rng)
+        if config.init_from:
+            state = _init_encoder_from(state, config, state_sh)
+    step_fn = jax.jit(make_train_step(pieces), in_shardings=(state_sh, batch_sh),
+                      out_shardings=(state_sh, replicated), donate_argnums=0)
+
+    writer = MetricWriter(workdir, enabled=is_lead)
+    writer.truncate_after(start)  # a resumed run rewrites what was logged after its checkpoint
+    total = int(config.total_steps)
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not is_lead)
+    last: dict = {}
+    stats = DataStats()
+    t_log, n_log, compile_s = time.perf_counter(), 0, None
+    try:
+        with Preemption() as preempt:
+            for step in range(start, total):
+                batch = next(data_it)
+                stats.update(batch)
+                images = sharding.global_batch(np.asarray(batch["image"]), batch_sh)
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, images)
+                if compile_s is None:  # the first call traces and compiles; keep it out of img/s
+                    jax.block_until_ready(state.step)
+                    compile_s = time.perf_counter() - t0
+                    t_log, n_log = time.perf_counter(), 0
+                    logging.info("first step (trace + compile + run): %.1fs", compile_s)
+                else:
+                    n_log += 1
+                bar.update(1)
+                done = step + 1
+                stop = preempt.requested or ckpt.manager.reached_preemption(done)
+                saving = stop or done == total or ckpt.manager.should_save(done)
+                if done % config.log_every == 0 or saving:
+                    metrics = jax.device_get(metrics)
+                    _check_finite(metrics, done)
+                    if done % config.log_every == 0 or done == total:
+                        elapsed = time.perf_counter() - t_log
+                        row = {k: float(v) for k, v in metrics.items()}
+                        row.update(img_per_sec=n_log * batch_size / elapsed if n_log else float("nan"),
+                                   compile_s=compile_s, **stats.as_dict())
+                        writer.write(done, row)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                        img_s=f"{row['img_per_sec']:.0f}")
+                        last = dict(row, step=done)
+                        t_log, n_log = time.perf_counter(), 0
+                if saving:
+                    ckpt.save(done, state, data_it, config, force=True)
+                if stop:
+                    logging.warning("preempted: saved step %d, exiting", done)
+                    break
+    finally:
+        bar.close()
+        ckpt.close()  # lets in-flight async saves of good steps finish, even when we stop on an error
+        writer.close()
+    if is_lead and writer.path.exists():
+        plot_loss(writer.path, workdir / "plots" / "loss.png")
+    return last
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+    for key in ("loss", "grad_norm"):
+        value = float(metrics[key])
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"{key} is {value} at step {step}; stopping before it is checkpointed. "
+                                     "The checkpoints of earlier steps are intact.")
+
+
+def _init_encoder_from(state, config, state_sh):
+    """Loads released / exported encoder weights into both encoders; the predictor keeps its fresh init."""
+    from mefem_jax.export import load_encoder_params
+
+    enc = load_encoder_params(config.init_from, config.model)
+    params = dict(state.params, encoder=enc)
+    state = state.replace(params=params, target_params=enc)
+    logging.info("initialised the encoder from %s", config.init_from)
+    return jax.device_put(state, state_sh)
+
+
+class DataStats:
+    """Running counts of what the input pipeline delivered and skipped (bad records never crash a run)."""
+
+    def __init__(self):
+        self.decoded = 0
+        self.skipped = 0
+
+    def update(self, batch: dict) -> None:
+        self.decoded += int(np.shape(batch["image"])[0])
+        if "skipped" in batch:
+            self.skipped += int(np.sum(batch["skipped"]))
+
+    def as_dict(self) -> dict:
+        return {"data_decoded": self.decoded, "data_skipped": self.skipped}
+
+
+class _QuietLibraries(logging_std.Filter):
+    """Orbax narrates every save at INFO (a dozen lines per checkpoint); keep its warnings only."""
+
+    def filter(self, record):
+        return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+    del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required")
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
+    summary = train(_CONFIG.value, _WORKDIR.value)
+    print(json.dumps({k: summary[k] for k in ("step", "loss", "img_per_sec") if k in summary}))
+
+
+if __name__ == "__main__":
+    app.run(main)
