@@ -28,6 +28,8 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "scikit-learn>=1.5",
     "lifelines>=0.30",
+    "pandas>=2",
+    "threadpoolctl>=3",
 ]
 
 # Torch is only for parity tests and for reading/writing .pth.tar release files.

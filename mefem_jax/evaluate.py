@@ -1,0 +1,204 @@
+"""Evaluate a frozen encoder: linear probes, verification and survival on its embeddings.
+
+    python -m mefem_jax.evaluate --model=MeFEm-S.pth.tar \\
+        --train=../shared/data/utkface:split=train --test=../shared/data/utkface:split=test \\
+        --targets=age:regression,gender:classification,race:classification --out=runs/eval_s
+
+    python -m mefem_jax.evaluate --model=random:vitti@112 --train=synthetic:split=train,limit=512 \\
+        --test=synthetic:split=test,limit=256 --targets=face_width:regression --out=/tmp/eval_random
+
+--model (see model_spec.py): a weights file, an exported folder, a training workdir, or
+random:vitti|vits|vitb|vitl[@SIZE][:width=..,depth=..,heads=..,seed=..].
+--train / --test / --pairs_data (see eval_data.py): an image folder with labels.csv, a CSV, a shard
+folder, synthetic or tfds:NAME, each optionally followed by :key=value options (split=, limit=,
+sample=, label filters).
+--targets (see targets.py): age:regression,gender:classification,time,event:survival.
+--pairs: a verification pairs file (see verification.py), scored on --pairs_data (default --test).
+
+For every target and each feature set (CLS token, mean-pooled patches, and a raw-pixel baseline)
+a probe is fitted on train with its penalty chosen by cross-validation on train, and scored once
+on test. Writes OUT/report.json, OUT/report.md and PNG plots. Embeddings are cached (see
+embeddings.py), so re-running with other targets costs only the probes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mefem_jax.evaluation import report as eval_report
+from mefem_jax.evaluation.embeddings import FEATURES, PIXEL_SIZE, cached_embeddings, default_cache_dir
+from mefem_jax.evaluation.data import open_eval_data
+from mefem_jax.export import ConversionError
+from mefem_jax.evaluation.model_spec import load_model
+from mefem_jax.evaluation.probes import blas_threads
+from mefem_jax.evaluation.spec_options import SpecError
+from mefem_jax.models.vit import encoder_dims
+from mefem_jax.evaluation.targets import Target, TargetError, check_columns, parse_targets, probe_target
+from mefem_jax.evaluation.verification import PairsError, cosine_scores, read_pairs, verification_metrics
+
+class UsageError(ValueError):
+    """Flags that do not make an evaluation (nothing asked, a needed split missing)."""
+
+
+# Errors that mean "the input is wrong": the CLI prints the message, not a traceback.
+INPUT_ERRORS = (UsageError, SpecError, ConversionError, TargetError, PairsError, FileNotFoundError)
+
+logger = logging.getLogger(__name__)
+
+
+def _embed(model, spec: str, split: str, batch_size: int, cache_dir, pixel_size: int, report: dict,
+           targets: list[Target] = ()):
+    # The pairs are scored on a test set: synthetic / tfds sources default to their test split.
+    data = open_eval_data(spec, model.image_size, batch_size, default_split="train" if split == "train" else "test")
+    if data.table is not None:  # a CSV's columns are known before embedding: fail fast
+        check_columns(list(targets), data.table.columns, split)
+    t0 = time.perf_counter()
+    emb, cache_file, hit = cached_embeddings(model, data, cache_dir, pixel_size)
+    report["data"][split] = {
+        "spec": str(data.spec), "n": len(emb), "skipped": {k: len(v) for k, v in emb.skipped.items()},
+        "skipped_examples": {k: v[:10] for k, v in emb.skipped.items()},
+        "cache": str(cache_file) if cache_file else None, "cache_hit": hit,
+        "seconds": round(time.perf_counter() - t0, 2)}
+    logger.info("%s: %d images embedded from %s (%s)", split, len(emb), data.spec,
+                "cache hit" if hit else "computed")
+    return emb
+
+
+def run_evaluation(model: str, out: str | Path, train: str | None = None, test: str | None = None,
+                   targets: str | None = None, pairs: str | None = None, pairs_data: str | None = None,
+                   which: str = "target", batch_size: int = 64, cache_dir: str | Path | None = "default",
+                   pixel_size: int = PIXEL_SIZE, features: tuple[str, ...] = FEATURES,
+                   dtype: str = "float32", seed: int = 0, probe_threads: int | None = 1) -> dict:
+    """Everything the CLI does; returns the report dict (also written to `out`).
+    `cache_dir="default"` uses `embeddings.default_cache_dir()`; None disables the cache.
+    `probe_threads`: BLAS threads for the probe fits (see `probes.blas_threads`; None: default)."""
+    t_start = time.perf_counter()
+    out = Path(out)
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:
+        raise UsageError(f"unknown feature set(s) {unknown}; choose from {FEATURES}")
+    parsed: list[Target] = parse_targets(targets) if targets else []
+    if parsed and not (train and test):
+        raise UsageError("--targets needs both --train and --test")
+    if not parsed and not pairs:
+        raise UsageError("nothing to evaluate: give --targets (with --train/--test) and/or --pairs")
+    if pairs and not (pairs_data or test):
+        raise UsageError("--pairs needs --pairs_data (or --test) naming the images the pairs refer to")
+    pairs_parsed = read_pairs(pairs) if pairs else None  # a malformed file fails before any embedding
+    cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
+
+    loaded = load_model(model, which=which, dtype=dtype)
+    width, depth, heads = encoder_dims(loaded.model_cfg)
+    report: dict = {
+        "model": {"spec": model, "which": which, "identity": loaded.identity,
+                  "config": loaded.model_cfg.to_dict(), "width": width, "depth": depth, "heads": heads},
+        "pixel_size": pixel_size, "data": {}, "probes": [], "verification": [], "plots": [],
+        "warnings": []}
+    out.mkdir(parents=True, exist_ok=True)
+
+    if parsed:
+        emb_train = _embed(loaded, train, "train", batch_size, cache_dir, pixel_size, report, parsed)
+        emb_test = _embed(loaded, test, "test", batch_size, cache_dir, pixel_size, report, parsed)
+        check_columns(parsed, list(emb_train.labels), "train")
+        check_columns(parsed, list(emb_test.labels), "test")
+        shared = np.intersect1d(emb_train.ids, emb_test.ids)
+        if len(shared):
+            report["warnings"].append(f"{len(shared)} image id(s) are in both train and test "
+                                      f"(e.g. {shared[:3].tolist()}): probe scores are optimistic")
+        with blas_threads(probe_threads):
+            _run_probes(parsed, emb_train, emb_test, features, out, report, seed)
+
+    if pairs_parsed is not None:
+        emb_pairs = _embed(loaded, pairs_data or test, "pairs", batch_size, cache_dir, pixel_size, report)
+        _run_verification(pairs_parsed, emb_pairs, features, out, report)
+
+    for w in report["warnings"]:
+        logger.warning(w)
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    eval_report.write_report(out, report)
+    return report
+
+
+def _run_probes(parsed: list[Target], emb_train, emb_test, features, out: Path, report: dict,
+                seed: int) -> None:
+    for target in parsed:
+        results = {}
+        for feature in features:
+            t0 = time.perf_counter()
+            row, result = probe_target(target, emb_train, emb_test, feature, seed=seed)
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            report["probes"].append(row)
+            results[feature] = result
+            logger.info("%s [%s] %s: %s", target.name, target.kind, feature, row["metrics"])
+        name = eval_report.safe_name(target.name)
+        if target.kind == "regression":
+            eval_report.plot_regression(out / f"{name}_scatter.png", target.name, results)
+            report["plots"].append(f"{name}_scatter.png")
+        elif target.kind == "classification" and all(len(r.classes) == 2 for r in results.values()):
+            positive = results[features[0]].classes[1]
+            curves = {f: (r.y_true == 1, r.scores[:, 1]) for f, r in results.items()}
+            eval_report.plot_roc(out / f"{name}_roc.png", f"{target.name} = {positive}", curves)
+            report["plots"].append(f"{name}_roc.png")
+
+
+def _run_verification(pairs_parsed, emb, features, out: Path, report: dict) -> None:
+    ids_a, ids_b, same = pairs_parsed
+    curves = {}
+    for feature in features:
+        scores = cosine_scores(emb.features[feature], list(emb.ids), ids_a, ids_b)
+        report["verification"].append({"features": feature, **verification_metrics(scores, same)})
+        curves[feature] = (same, scores)
+    eval_report.plot_roc(out / "verification_roc.png", "verification", curves)
+    report["plots"].append("verification_roc.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def main(argv) -> None:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = run_evaluation(
+            model=f.model, out=f.out, train=f.train, test=f.test, targets=f.targets, pairs=f.pairs,
+            pairs_data=f.pairs_data, which=f.which, batch_size=f.batch_size,
+            cache_dir=f.cache_dir or None, pixel_size=f.pixel_size, features=tuple(f.features),
+            dtype=f.dtype, seed=f.seed, probe_threads=f.probe_threads or None)
+    except INPUT_ERRORS as err:
+        raise SystemExit(f"error: {err}") from None
+    print(eval_report.markdown_report(report))
+    print(f"wrote {Path(f.out) / 'report.json'} and report.md")
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "Model spec: weights file, exported folder, workdir, or random:NAME[@SIZE].")
+    flags.DEFINE_string("out", None, "Output folder for report.json, report.md and plots.")
+    flags.DEFINE_string("train", None, "Train data spec, e.g. ../shared/data/utkface:split=train.")
+    flags.DEFINE_string("test", None, "Test data spec, e.g. ../shared/data/utkface:split=test.")
+    flags.DEFINE_string("targets", None, "e.g. age:regression,gender:classification,time,event:survival.")
+    flags.DEFINE_string("pairs", None, "Verification pairs file: id_a id_b same(1/0) per line.")
+    flags.DEFINE_string("pairs_data", None, "Data spec holding the pair ids (default: --test).")
+    flags.DEFINE_enum("which", "target", ["target", "context"], "Encoder of a checkpoint holding both.")
+    flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+    flags.DEFINE_string("cache_dir", str(default_cache_dir()), "Embedding cache folder; empty to disable.")
+    flags.DEFINE_integer("pixel_size", PIXEL_SIZE, "Side of the downsampled raw-pixel baseline.")
+    flags.DEFINE_list("features", list(FEATURES), "Feature sets to probe.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the forward pass.")
+    flags.DEFINE_integer("seed", 0, "Seed of the cross-validation folds.")
+    flags.DEFINE_integer("probe_threads", 1, "BLAS threads for the probe fits; 0 = the library default.")
+    flags.mark_flags_as_required(["model", "out"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

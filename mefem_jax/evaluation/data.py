@@ -1,0 +1,292 @@
+"""What `--train`, `--test` and `--pairs_data` name: data specs for evaluation, and a reader for
+an image folder with a labels CSV.
+
+A spec is a source optionally followed by `:` and comma-separated `key=value` options
+(spec_options.py):
+
+    ../shared/data/utkface:split=train             image folder + labels.csv, rows with split == train
+    ../shared/data/utkface:split=test,sample=500   ... 500 of the test rows, drawn at random
+    faces/labels.csv:images=/data/faces,race=0|1   a CSV anywhere, images elsewhere, race 0 or 1
+    SHARD_FOLDER:split=test                        the training pipeline's sources: shards,
+    synthetic:split=train,limit=256                  the synthetic faces,
+    tfds:NAME[:SPLIT]                                TFDS datasets
+
+Options: `limit=N` keeps the first N rows (after filtering); `sample=N` (folder + CSV only) keeps N
+rows drawn at random with a fixed seed, in file order: a CSV sorted by file name (UTKFace's names
+start with the age) has no representative first N; `csv=FILE` names the labels CSV of a
+folder (default labels.csv); `images=DIR` the image folder (default `images/` beside the CSV if it
+exists, else the CSV's folder); `id=COLUMN` the column naming each image file (default the first of
+file, filename, image, path). Any other `key=value` keeps rows whose label `key` equals `value`
+(`|` separates alternatives). `split=NAME` is that filter too, except for `synthetic` and `tfds:`
+sources, whose splits are separate sets: there it picks the set (default: train for --train, test
+otherwise). A tail without `=` is not options: `synthetic:test` stays one source.
+
+Folder + CSV sources are read here; each image gets the shard pipeline's eval preprocessing
+(`data.augment`: centre square, resize to the model size, ImageNet mean/std), so a folder and the
+shards written from it embed identically. Every other source goes through
+`mefem_jax.data.pipeline.make_eval_iterator`. Unreadable or missing images are skipped and
+counted, never fatal. Every batch is a dict: "image" float32 [b, H, W, 3], "id" [b] str, and one
+[b] array per label column (strings here; the caller converts the targets it uses).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from mefem_jax.evaluation.spec_options import SpecError, split_options
+
+ID_COLUMNS = ("file", "filename", "image", "path")
+_RESERVED = {"limit", "sample", "csv", "images", "id"}
+
+
+class DataSpecError(SpecError):
+    """A data spec that names nothing readable, or options that do not fit it."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str                                 # the part before the options
+    options: tuple[tuple[str, str], ...] = ()   # ordered (key, value) pairs
+
+    def _count(self, key: str) -> int | None:
+        value = dict(self.options).get(key)
+        if value is None:
+            return None
+        if not value.isdigit() or int(value) < 1:
+            raise DataSpecError(f"{key} must be a positive integer, got {value!r}")
+        return int(value)
+
+    @property
+    def limit(self) -> int | None:
+        return self._count("limit")
+
+    @property
+    def sample(self) -> int | None:
+        return self._count("sample")
+
+    @property
+    def filters(self) -> dict[str, set[str]]:
+        return {k: set(v.split("|")) for k, v in self.options if k not in _RESERVED}
+
+    def __str__(self) -> str:
+        tail = ",".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.source}:{tail}" if tail else self.source
+
+
+def parse_data_spec(text: str) -> DataSpec:
+    if not text.strip():
+        raise DataSpecError("empty data spec")
+    return DataSpec(*split_options(text, DataSpecError))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folder + labels CSV
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FolderTable:
+    """The rows of a labels CSV that a spec selects, and where their images are."""
+    csv_path: Path
+    image_dir: Path
+    id_column: str
+    columns: list[str]                   # label columns (every CSV column but the id column)
+    rows: list[dict[str, str]]
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> ids
+
+
+def folder_csv_path(spec: DataSpec) -> Path | None:
+    """The labels CSV a spec names, or None when it is not a folder + CSV source."""
+    path = Path(spec.source)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return path
+    if path.is_dir():
+        name = dict(spec.options).get("csv", "labels.csv")
+        if (path / name).is_file():
+            return path / name
+        if "csv" in dict(spec.options):
+            raise DataSpecError(f"{spec}: no {name} in {path}")
+    return None
+
+
+def read_folder_table(spec: DataSpec) -> FolderTable:
+    csv_path = folder_csv_path(spec)
+    if csv_path is None:
+        raise DataSpecError(f"{spec}: not an image folder with a labels CSV")
+    opts = dict(spec.options)
+    if "images" in opts:
+        image_dir = Path(opts["images"])
+    else:
+        image_dir = csv_path.parent / "images"
+        image_dir = image_dir if image_dir.is_dir() else csv_path.parent
+    if not image_dir.is_dir():
+        raise DataSpecError(f"{spec}: image folder {image_dir} does not exist")
+
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    if not header:
+        raise DataSpecError(f"{csv_path} is empty")
+    id_column = opts.get("id") or next((c for c in ID_COLUMNS if c in header), None)
+    if id_column not in header:
+        raise DataSpecError(f"{csv_path}: no image column (looked for {opts.get('id') or ID_COLUMNS}); "
+                            f"columns are {header}; name one with id=COLUMN")
+    for key, allowed in spec.filters.items():
+        if key not in header:
+            raise DataSpecError(f"{spec}: filter on unknown column {key!r}; columns are {header}")
+        rows = [r for r in rows if r[key] in allowed]
+    if not rows:
+        raise DataSpecError(f"{spec}: no rows of {csv_path} pass the filters {spec.filters}")
+    seen, duplicates = set(), []
+    for r in rows:  # ids name embeddings (and pairs), so they must be unique
+        if r[id_column] in seen:
+            duplicates.append(r[id_column])
+        seen.add(r[id_column])
+    if duplicates:
+        raise DataSpecError(f"{csv_path}: {len(duplicates)} duplicate image id(s), e.g. {duplicates[:3]}")
+    if spec.sample is not None and spec.sample < len(rows):
+        chosen = np.random.default_rng(0).choice(len(rows), spec.sample, replace=False)
+        rows = [rows[i] for i in np.sort(chosen)]
+    if spec.limit is not None:
+        rows = rows[:spec.limit]
+    return FolderTable(csv_path, image_dir, id_column, [c for c in header if c != id_column], rows)
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """One file -> float32 [size, size, 3], exactly as the shard pipeline's eval pass makes it."""
+    from mefem_jax.data import augment
+
+    return augment.normalize(augment.crop_resize(path.read_bytes(), augment.center_box, size))
+
+
+def iterate_folder(table: FolderTable, image_size: int, batch_size: int,
+                   threads: int = 4) -> Iterator[dict]:
+    """Batches in CSV order; an unreadable image is dropped from its batch and recorded in
+    `table.skipped`, so batches may come out shorter than `batch_size`."""
+    from PIL import Image
+
+    # Missing, truncated, not an image, absurdly large; PIL reports some corrupt files as SyntaxError.
+    unreadable = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+    def load(row: dict) -> np.ndarray | Exception:
+        try:
+            return load_image(table.image_dir / row[table.id_column], image_size)
+        except unreadable as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, len(table.rows), batch_size):
+            chunk = table.rows[start:start + batch_size]
+            loaded = list(pool.map(load, chunk))
+            keep = []
+            for row, image in zip(chunk, loaded):
+                if isinstance(image, Exception):
+                    reason = "missing file" if isinstance(image, FileNotFoundError) else "unreadable image"
+                    table.skipped.setdefault(reason, []).append(row[table.id_column])
+                else:
+                    keep.append((row, image))
+            if not keep:
+                continue
+            batch = {"image": np.stack([image for _, image in keep]),
+                     "id": np.array([row[table.id_column] for row, _ in keep])}
+            for column in table.columns:
+                batch[column] = np.array([row[column] for row, _ in keep])
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Every source
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EvalData:
+    """One ordered pass over a spec's images: `batches()` plus what identifies the data."""
+    spec: DataSpec
+    image_size: int
+    batch_size: int
+    default_split: str = "test"
+    table: FolderTable | None = None
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> ids, of the last pass
+
+    def identity(self) -> dict:
+        """What the images are: for cache keys (a changed CSV or shard invalidates them)."""
+        ident: dict = {"spec": str(self.spec), "image_size": self.image_size}
+        paths = [self.table.csv_path] if self.table else [Path(self.spec.source)]
+        for p in paths:
+            if p.exists():
+                st = p.stat()
+                ident[str(p.resolve())] = [st.st_mtime_ns, st.st_size]
+                if p.is_dir():  # a shard folder: its files' stamps
+                    ident["files"] = sorted((q.name, q.stat().st_mtime_ns, q.stat().st_size)
+                                            for q in p.iterdir() if q.is_file())
+        return ident
+
+    def batches(self) -> Iterator[dict]:
+        if self.table is not None:
+            self.table.skipped = self.skipped = {}
+            yield from iterate_folder(self.table, self.image_size, self.batch_size)
+            return
+        self.skipped = {}
+        yield from _pipeline_batches(self.spec, self.image_size, self.batch_size,
+                                     self.default_split, self.skipped)
+
+
+def open_eval_data(spec: str | DataSpec, image_size: int, batch_size: int,
+                   default_split: str = "test") -> EvalData:
+    """`default_split`: the split of synthetic / tfds sources whose spec names none."""
+    spec = parse_data_spec(spec) if isinstance(spec, str) else spec
+    if folder_csv_path(spec) is not None:
+        return EvalData(spec, image_size, batch_size, table=read_folder_table(spec))
+    unknown = [k for k in ("csv", "images", "id", "sample") if k in dict(spec.options)]
+    if unknown:
+        raise DataSpecError(f"{spec}: options {unknown} apply only to an image folder with a labels CSV")
+    if not (_has_named_splits(spec.source) or os.path.exists(spec.source)):
+        raise DataSpecError(f"data spec {str(spec)!r}: {spec.source} is neither an image folder with "
+                            "labels.csv, a CSV file, a shard folder, 'synthetic' nor tfds:NAME")
+    return EvalData(spec, image_size, batch_size, default_split=default_split)
+
+
+def _has_named_splits(source: str) -> bool:
+    return source == "synthetic" or source.startswith(("synthetic:", "tfds:"))
+
+
+def _pipeline_batches(spec: DataSpec, image_size: int, batch_size: int, default_split: str,
+                      skipped: dict[str, list[str]]) -> Iterator[dict]:
+    """The training pipeline's eval pass, with this spec's row filters and limit applied;
+    records it could not decode are added to `skipped`."""
+    from mefem_jax.data.pipeline import make_eval_iterator  # grain and friends: only when needed
+
+    filters, remaining = spec.filters, spec.limit
+    split = default_split
+    if _has_named_splits(spec.source) and "split" in filters:
+        names = filters.pop("split")
+        if len(names) != 1:
+            raise DataSpecError(f"{spec}: pick one split of {spec.source}, not {sorted(names)}")
+        split = next(iter(names))
+    # Without row filters, the first `limit` records are the ones kept: let the reader stop there.
+    iterator = make_eval_iterator(spec.source, image_size=image_size, batch_size=batch_size,
+                                  split=split, limit=None if filters else remaining)
+    for batch in iterator:
+        batch = dict(batch, id=np.asarray(batch["id"]).astype(str))
+        keep = np.ones(len(batch["id"]), bool)
+        if "valid" in batch:  # the pipeline pads its last batch to a fixed size
+            keep &= np.asarray(batch.pop("valid"), bool)
+        for key, allowed in filters.items():
+            if key not in batch:
+                raise DataSpecError(f"{spec}: filter on unknown label {key!r}; labels are "
+                                    f"{sorted(k for k in batch if k not in ('image', 'id'))}")
+            keep &= np.isin(np.asarray(batch[key]).astype(str), list(allowed))
+        if remaining is not None:
+            keep &= np.cumsum(keep) <= remaining
+            remaining -= int(keep.sum())
+        if keep.any():
+            yield {k: np.asarray(v)[keep] for k, v in batch.items()}
+        if remaining == 0:
+            break
+    for record_id, reason in getattr(iterator, "skipped", []):
+        skipped.setdefault(reason, []).append(record_id)
+

@@ -1,0 +1,165 @@
+"""Frozen-encoder embeddings of an evaluation set: one jitted forward, batched, cached on disk.
+
+For every image the forward returns three feature vectors:
+
+    cls     the final-LayerNormed CLS token (what timm's `global_pool="token"` returns)
+    mean    the mean of the final-LayerNormed patch tokens
+    pixels  the image itself, area-downsampled to `pixel_size`^2 x 3: the raw-pixel baseline a
+            probe on the embeddings has to beat
+
+Every batch enters the forward at the same shape: a short batch (the last one, or one that lost
+unreadable images) is zero-padded to `batch_size` and the padding rows are dropped afterwards, so
+the forward compiles once per (encoder, batch size). The forward is jitted with the encoder as a
+static argument, so repeated calls with new params (evaluation during training) reuse it. Batch
+i + 1 is dispatched before batch i's features are pulled to the host, so loading images on the
+host overlaps the device's work.
+
+The cache (`cached_embeddings`) stores features, ids and labels in one `.npz` named by a hash of
+everything that determines them: the model's identity (path + modification time + size of the
+weights, or the random-init spec), its config, the data's identity (spec, CSV / shard stamps),
+the image size and the pixel-baseline size.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mefem_jax.evaluation.data import DataSpecError
+from mefem_jax.models.vit import ViT
+
+logger = logging.getLogger(__name__)
+
+FEATURES = ("cls", "mean", "pixels")
+PIXEL_SIZE = 16
+# Bump when what the forward computes changes, so old cache files stop matching.
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MEFEM_CACHE") or Path.home() / ".cache" / "mefem_jax" / "embeddings")
+
+
+@functools.partial(jax.jit, static_argnames=("encoder", "pixel_size"))
+def embed_batch(params, images: jax.Array, *, encoder: ViT, pixel_size: int) -> dict[str, jax.Array]:
+    """images float [B, S, S, 3] -> {"cls": [B, D], "mean": [B, D], "pixels": [B, p*p*3]}, float32."""
+    tokens = encoder.apply({"params": params}, images).astype(jnp.float32)
+    b = images.shape[0]
+    # antialias=True makes the downsampling average over each output pixel's footprint instead of
+    # sampling single pixels, so the baseline sees the whole image.
+    small = jax.image.resize(images.astype(jnp.float32), (b, pixel_size, pixel_size, images.shape[-1]),
+                             method="linear", antialias=True)
+    return {"cls": tokens[:, 0], "mean": jnp.mean(tokens[:, 1:], axis=1), "pixels": small.reshape(b, -1)}
+
+
+def _to_host(tree) -> dict[str, np.ndarray]:
+    def fetch(x: jax.Array) -> np.ndarray:
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils  # params sharded across hosts (training)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return {k: fetch(v) for k, v in tree.items()}
+
+
+@dataclass
+class Embeddings:
+    ids: np.ndarray                               # str [n]
+    features: dict[str, np.ndarray]               # name -> float32 [n, d]
+    labels: dict[str, np.ndarray]                 # column -> [n] (str, int or float)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> ids not embedded
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def save(self, path: Path) -> None:
+        """Atomic write (temp file + rename): a killed run never leaves a truncated cache entry."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns = list(self.labels)
+        arrays = {"ids": self.ids.astype(str)}
+        arrays.update({f"feature_{k}": v for k, v in self.features.items()})
+        arrays.update({f"label_{i}": self.labels[c] for i, c in enumerate(columns)})
+        meta = {"features": list(self.features), "labels": columns, "skipped": self.skipped}
+        arrays["meta"] = np.array(json.dumps(meta))
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Embeddings":
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            return cls(ids=z["ids"], features={k: z[f"feature_{k}"] for k in meta["features"]},
+                       labels={c: z[f"label_{i}"] for i, c in enumerate(meta["labels"])},
+                       skipped=meta["skipped"])
+
+
+def compute_embeddings(encoder: ViT, params, data, pixel_size: int = PIXEL_SIZE) -> Embeddings:
+    """Embed every image of `data` (an `eval_data.EvalData`) in order."""
+    batch_size = data.batch_size
+    params = jax.device_put(params)  # once, not once per batch
+    ids, labels, feats = [], {}, {k: [] for k in FEATURES}
+
+    def collect(pending) -> None:
+        out, n, batch = pending
+        for k, v in _to_host(out).items():
+            feats[k].append(v[:n])  # drop the padding rows
+        ids.append(batch["id"])
+        for column, values in batch.items():
+            if column != "id":
+                labels.setdefault(column, []).append(values)
+
+    pending = None
+    for batch in data.batches():
+        images = np.asarray(batch.pop("image"), np.float32)
+        n = len(images)
+        if n > batch_size:
+            raise ValueError(f"data yielded a batch of {n} > batch_size {batch_size}")
+        if n < batch_size:
+            images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], np.float32)])
+        out = embed_batch(params, images, encoder=encoder, pixel_size=pixel_size)  # async dispatch
+        if pending is not None:
+            collect(pending)
+        pending = (out, n, batch)
+    if pending is None:
+        counts = {reason: len(ids) for reason, ids in data.skipped.items()}
+        raise DataSpecError(f"{data.spec}: no images could be read (skipped: {counts})")
+    collect(pending)
+    return Embeddings(
+        ids=np.concatenate(ids).astype(str),
+        features={k: np.concatenate(v) for k, v in feats.items()},
+        labels={c: np.concatenate(v) for c, v in labels.items()},
+        skipped={k: list(v) for k, v in data.skipped.items()})
+
+
+def cache_key(model_identity: dict, model_cfg, data_identity: dict, pixel_size: int) -> str:
+    payload = {"version": CACHE_VERSION, "model": model_identity, "model_cfg": model_cfg.to_dict(),
+               "data": data_identity, "pixel_size": pixel_size}
+    blob = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cached_embeddings(model, data, cache_dir: str | Path | None = None,
+                      pixel_size: int = PIXEL_SIZE) -> tuple[Embeddings, Path | None, bool]:
+    """(embeddings, cache file or None, whether it was a cache hit). `model` is a
+    `model_spec.LoadedModel`; `cache_dir=None` disables the cache."""
+    if cache_dir is None:
+        return compute_embeddings(model.encoder, model.params, data, pixel_size), None, False
+    key = cache_key(model.identity, model.model_cfg, data.identity(), pixel_size)
+    path = Path(cache_dir) / f"emb-{key}.npz"
+    if path.is_file():
+        try:
+            return Embeddings.load(path), path, True
+        except (OSError, ValueError, KeyError) as err:  # a damaged entry is recomputed, not fatal
+            logger.warning("ignoring unreadable cache file %s: %s", path, err)
+    emb = compute_embeddings(model.encoder, model.params, data, pixel_size)
+    emb.save(path)
+    return emb, path, False

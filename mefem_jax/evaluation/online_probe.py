@@ -1,0 +1,142 @@
+"""Linear probes during pretraining: is the encoder learning something about faces?
+
+The train loop calls `probe_during_training(encoder, target_params, config.eval)` every
+`config.eval.every_steps` steps. The first call reads the eval images (at most `max_images` per
+split) and keeps them in host memory as uint8; every call embeds them with the current params
+(the jitted forward of embeddings.py, compiled once) and fits the probes of `targets` on train,
+scored on test. It returns flat scalars for the metric writer, e.g.
+
+    {"probe_face_width_mae": 0.031, "probe_face_width_r2": 0.71, "probe_seconds": 4.2}
+
+The default reads the embedded synthetic faces, whose drawing attributes are the labels, so it
+runs on a fresh machine. For real faces:
+
+    --config.eval.every_steps=2000 \\
+    --config.eval.train=../shared/data/utkface:split=train --config.eval.test=../shared/data/utkface:split=test \\
+    --config.eval.targets=age:regression,gender:classification
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+
+from mefem_jax.evaluation.data import DataSpec, folder_csv_path, open_eval_data, parse_data_spec
+from mefem_jax.models.vit import ViT
+
+# The headline metric(s) of each probe kind, renamed for the metric writer.
+_HEADLINE = {"regression": {"mae": "mae", "r2": "r2"},
+             "classification": {"accuracy": "acc", "roc_auc": "auc"},
+             "survival": {"c_index": "c_index"}}
+
+
+def default_eval_config() -> ml_collections.ConfigDict:
+    """The `eval` block of a training config; every field can be set as --config.eval.NAME."""
+    c = ml_collections.ConfigDict()
+    c.every_steps = 0                       # probe every this many steps; 0 = never
+    c.train = "synthetic:split=train"       # data spec the probes are fitted on (eval_data.py)
+    c.test = "synthetic:split=test"         # data spec they are scored on
+    c.targets = "face_width:regression,skin_tone:regression"  # see targets.py
+    c.max_images = 512                      # per split; read once, kept in host memory as uint8
+    c.batch_size = 64                       # images per forward pass
+    c.features = "cls"                      # comma list of cls, mean, pixels
+    c.probe_threads = 1                     # BLAS threads for the fits (probes.blas_threads)
+    return c
+
+
+@dataclass
+class _HeldImages:
+    """An eval split held in host memory; quacks like `eval_data.EvalData` for compute_embeddings.
+
+    Images are kept as uint8 and normalised per batch: 4x less memory than float32, and exact,
+    since the pipeline makes each float image from uint8 pixels (see `_to_uint8`).
+    """
+    spec: DataSpec
+    batch_size: int
+    pixels: np.ndarray                     # uint8 [n, S, S, 3]
+    ids: np.ndarray
+    labels: dict[str, np.ndarray]
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def batches(self) -> Iterator[dict]:
+        from mefem_jax.data.augment import normalize
+
+        for start in range(0, len(self.ids), self.batch_size):
+            stop = start + self.batch_size
+            batch = {"image": np.stack([normalize(p) for p in self.pixels[start:stop]]),
+                     "id": self.ids[start:stop]}
+            batch.update({k: v[start:stop] for k, v in self.labels.items()})
+            yield batch
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    from mefem_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    pixels = (images * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)) * 255.0
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def _capped(spec: str, max_images: int) -> DataSpec:
+    """The spec with a size cap: a random `sample` for CSV folders (their order may be sorted by
+    label), the first `limit` records otherwise. A cap the spec already sets is kept."""
+    parsed = parse_data_spec(spec)
+    keys = dict(parsed.options)
+    if "limit" in keys or "sample" in keys:
+        return parsed
+    key = "sample" if folder_csv_path(parsed) is not None else "limit"
+    return DataSpec(parsed.source, parsed.options + ((key, str(max_images)),))
+
+
+# (spec, image size, max images, split) -> held images; filled on first use.
+_HELD: dict[tuple, _HeldImages] = {}
+
+
+def _held_images(spec: str, image_size: int, eval_cfg, split: str) -> _HeldImages:
+    key = (spec, image_size, int(eval_cfg.max_images), split)
+    if key not in _HELD:
+        data = open_eval_data(_capped(spec, int(eval_cfg.max_images)), image_size,
+                              int(eval_cfg.batch_size), default_split=split)
+        images, ids, labels = [], [], {}
+        for batch in data.batches():
+            images.append(_to_uint8(batch.pop("image")))
+            ids.append(batch.pop("id"))
+            for k, v in batch.items():
+                labels.setdefault(k, []).append(v)
+        if not ids:
+            raise ValueError(f"eval {split} data {spec!r}: no images could be read")
+        n = int(eval_cfg.max_images)
+        _HELD[key] = _HeldImages(data.spec, int(eval_cfg.batch_size), np.concatenate(images)[:n],
+                                 np.concatenate(ids)[:n],
+                                 {k: np.concatenate(v)[:n] for k, v in labels.items()}, data.skipped)
+    return _HELD[key]
+
+
+def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    """Embed the held eval splits with `params` and fit the configured probes (module docstring)."""
+    from mefem_jax.evaluation.embeddings import compute_embeddings
+    from mefem_jax.evaluation.probes import blas_threads
+    from mefem_jax.evaluation.targets import check_columns, parse_targets, probe_target
+
+    t0 = time.perf_counter()
+    targets = parse_targets(eval_cfg.targets)
+    features = [f.strip() for f in eval_cfg.features.split(",") if f.strip()]
+    size = encoder.image_size
+    train = compute_embeddings(encoder, params, _held_images(eval_cfg.train, size, eval_cfg, "train"))
+    test = compute_embeddings(encoder, params, _held_images(eval_cfg.test, size, eval_cfg, "test"))
+    check_columns(targets, list(train.labels), "eval train")
+    check_columns(targets, list(test.labels), "eval test")
+
+    out: dict[str, float] = {}
+    with blas_threads(eval_cfg.get("probe_threads", 1) or None):
+        for target in targets:
+            name = "_".join(target.columns)
+            for feature in features:
+                row, _ = probe_target(target, train, test, feature)
+                suffix = "" if feature == "cls" else f"_{feature}"
+                for metric, short in _HEADLINE[target.kind].items():
+                    out[f"probe_{name}_{short}{suffix}"] = float(row["metrics"][metric])
+    out["probe_seconds"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,136 @@
+"""What `--targets` asks for, and one probe per (target, feature set) on train/test embeddings.
+
+    --targets=age:regression,gender:classification,race:classification,time,event:survival
+
+Comma-separated; each target ends with `:KIND`. Regression and classification take one label
+column; survival takes two, the follow-up time then the event flag (1 = event, 0 = censored).
+
+A row whose label is empty (or NaN) for a target is left out of that target's probe and counted
+(`n_missing_*` in the report); a label that is present but unusable (text in a regression or
+survival column) is an error naming the column and examples, since it means the wrong column.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mefem_jax.evaluation.probes import ProbeError, fit_classification_probe, fit_regression_probe
+from mefem_jax.evaluation.survival import SurvivalError, fit_survival_probe
+
+KINDS = {"regression": 1, "classification": 1, "survival": 2}  # kind -> number of columns
+
+
+class TargetError(ValueError):
+    """A --targets value that is malformed or names labels the data do not have."""
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str
+    columns: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.columns)
+
+
+def parse_targets(text: str) -> list[Target]:
+    targets, pending = [], []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            raise TargetError(f"--targets={text!r}: empty entry")
+        name, sep, kind = token.rpartition(":")
+        if not sep:
+            pending.append(token)  # a column of a multi-column target; its kind comes later
+            continue
+        if kind not in KINDS:
+            raise TargetError(f"--targets: unknown kind {kind!r} in {token!r}; kinds are {sorted(KINDS)}")
+        columns = (*pending, name)
+        pending = []
+        if len(columns) != KINDS[kind] or not all(columns):
+            usage = "TIME,EVENT:survival" if kind == "survival" else f"COLUMN:{kind}"
+            raise TargetError(f"--targets: {kind} takes {KINDS[kind]} column(s) ({usage}), got {list(columns)}")
+        targets.append(Target(kind, columns))
+    if pending:
+        raise TargetError(f"--targets: {pending} lack a :KIND (one of {sorted(KINDS)})")
+    if not targets:
+        raise TargetError("--targets is empty")
+    return targets
+
+
+def check_columns(targets: list[Target], available: list[str], where: str) -> None:
+    for t in targets:
+        unknown = [c for c in t.columns if c not in available]
+        if unknown:
+            raise TargetError(f"target column(s) {unknown} not in the {where} data; its labels are {sorted(available)}")
+
+
+def _missing(values: np.ndarray) -> np.ndarray:
+    """Empty strings and NaN are missing labels."""
+    if values.dtype.kind in "US":
+        stripped = np.char.strip(values.astype(str))
+        return (stripped == "") | (np.char.lower(stripped) == "nan")
+    if values.dtype.kind == "f":
+        return np.isnan(values)
+    return np.zeros(values.shape, bool)
+
+
+def numeric(values: np.ndarray, column: str, where: str) -> np.ndarray:
+    """Label values -> float64; TargetError naming the offending values when some are not numbers."""
+    if values.dtype.kind in "iufb":
+        return values.astype(np.float64)
+    out = np.empty(len(values), np.float64)
+    bad = []
+    for i, v in enumerate(values.astype(str)):
+        try:
+            out[i] = float(v)
+        except ValueError:
+            bad.append(v)
+    if bad:
+        raise TargetError(f"{where} column {column!r} must be numeric but holds {len(bad)} non-numeric "
+                          f"value(s), e.g. {sorted(set(bad))[:5]}")
+    return out
+
+
+def class_labels(values: np.ndarray) -> np.ndarray:
+    """Class labels as strings, so 1 and "1" (CSV text vs typed shards) are the same class."""
+    if values.dtype.kind == "f" and np.all(values == np.round(values)):
+        values = values.astype(np.int64)
+    return np.char.strip(values.astype(str))
+
+
+def probe_target(target: Target, train, test, feature: str, seed: int = 0) -> tuple[dict, Any]:
+    """Fit and score one probe. `train` / `test` are `embeddings.Embeddings`. Returns the report
+    row (JSON-ready) and the raw result (for plots)."""
+    keep_train = ~np.any([_missing(train.labels[c]) for c in target.columns], axis=0)
+    keep_test = ~np.any([_missing(test.labels[c]) for c in target.columns], axis=0)
+    row: dict[str, Any] = {"target": target.name, "kind": target.kind, "features": feature,
+                           "n_train": int(keep_train.sum()), "n_test": int(keep_test.sum()),
+                           "n_missing_train": int((~keep_train).sum()),
+                           "n_missing_test": int((~keep_test).sum())}
+    for split, n in (("train", row["n_train"]), ("test", row["n_test"])):
+        if n == 0:
+            raise TargetError(f"target {target.name!r}: no labelled rows in the {split} split")
+    x_train, x_test = train.features[feature][keep_train], test.features[feature][keep_test]
+    y_train = [train.labels[c][keep_train] for c in target.columns]
+    y_test = [test.labels[c][keep_test] for c in target.columns]
+    try:
+        if target.kind == "classification":
+            result = fit_classification_probe(x_train, class_labels(y_train[0]), x_test,
+                                              class_labels(y_test[0]), seed=seed)
+            row.update(penalty=result.penalty, metrics=result.metrics, classes=result.classes)
+            return row, result
+        y_train = [numeric(y, c, "train") for y, c in zip(y_train, target.columns)]
+        y_test = [numeric(y, c, "test") for y, c in zip(y_test, target.columns)]
+        if target.kind == "regression":
+            result = fit_regression_probe(x_train, y_train[0], x_test, y_test[0])
+            row.update(penalty=result.penalty, metrics=result.metrics)
+        else:
+            result = fit_survival_probe(x_train, *y_train, x_test, *y_test, seed=seed)
+            metrics = result.as_dict()
+            row.update(penalty={"penalizer": metrics.pop("penalizer")}, metrics=metrics)
+        return row, result
+    except (ProbeError, SurvivalError) as err:
+        raise TargetError(f"target {target.name!r} ({feature} features): {err}") from err
