@@ -10,6 +10,7 @@ import ml_collections
 
 from mefem_jax import losses, masking, optim
 from mefem_jax.data.pipeline import default_data_config
+from mefem_jax.evaluation.online_probe import default_eval_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,6 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Leaves smaller than min_fsdp_size elements stay replicated on the fsdp axis.
     c.mesh = dict(data=-1, fsdp=1, min_fsdp_size=2 ** 14)
     c.checkpoint = dict(every_steps=2000, max_to_keep=3)
+    # Linear probes on a labelled set every `eval.every_steps` (0 = off), logged with the metrics.
+    c.eval = default_eval_config()
     # Continue pretraining from released or exported weights (encoder only; the predictor starts fresh).
     c.init_from = ""
     return c

@@ -71,8 +71,13 @@ def default_mask_config() -> ml_collections.ConfigDict:
     # less, because every target cell lies within a few patches of a full-length stripe, which makes
     # each prediction easier than from a single block. On the 7x7 grid of the 112 px smoke run the
     # same knobs remain feasible (2 stripes per axis of width 1 for "cross").
+    # slots: how the variable-size regions become static index sets. "pad" (default): as many slots as
+    # the largest region, spare slots flagged invalid (masked as attention keys, zero loss weight), so
+    # every stripe cell is context and every other cell is target. "subsample": as many slots as the
+    # smallest region, larger regions randomly subsampled (cheaper, but the stripes get holes and up
+    # to a third of the target goes unscored with the default ratio window).
     cfg.stripes = ml_collections.ConfigDict(dict(
-        orientation="cross", k=2, width=(1, 3), ratio=(0.25, 0.5)))
+        orientation="cross", k=2, width=(1, 3), ratio=(0.25, 0.5), slots="pad"))
     return cfg
 
 
@@ -435,6 +440,12 @@ def _make_stripes(cfg, grid: tuple[int, int]) -> StripeMasker:
                 f"{o!r} with stripes.k={k} and stripes.width=({w_min}, {w_max}): its context ratios "
                 f"are {ratios}. Widen stripes.ratio or change stripes.width / stripes.k.")
         tables.append(table)
+    slots = cfg.get("slots", "pad")
+    if slots == "pad":
+        sizes = [_stripe_cells(grid, *p) for table in tables for p in table]
+        k_ctx, k_tgt = max(sizes), n - min(sizes)
+    elif slots != "subsample":
+        raise ValueError(f"stripes.slots={slots!r}; expected 'pad' or 'subsample'")
     return StripeMasker(grid=grid, n_ctx=1, k_ctx=k_ctx, n_tgt=1, k_tgt=k_tgt, k=k,
                         width=(w_min, w_max), totals=tuple(tables))
 

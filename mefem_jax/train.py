@@ -111,6 +111,7 @@ def train(config, workdir: str | Path) -> dict:
     last: dict = {}
     stats = DataStats()
     t_log, n_log, compile_s = time.perf_counter(), 0, None
+    stall_s = 0.0  # seconds blocked in ckpt.save since the last metrics row
     try:
         with Preemption() as preempt:
             for step in range(start, total):
@@ -133,18 +134,27 @@ def train(config, workdir: str | Path) -> dict:
                 if done % config.log_every == 0 or saving:
                     metrics = jax.device_get(metrics)
                     _check_finite(metrics, done)
-                    if done % config.log_every == 0 or done == total:
-                        elapsed = time.perf_counter() - t_log
-                        row = {k: float(v) for k, v in metrics.items()}
-                        row.update(img_per_sec=n_log * batch_size / elapsed if n_log else float("nan"),
-                                   compile_s=compile_s, **stats.as_dict())
-                        writer.write(done, row)
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                        img_s=f"{row['img_per_sec']:.0f}")
-                        last = dict(row, step=done)
-                        t_log, n_log = time.perf_counter(), 0
                 if saving:
+                    # The loop waits here for the device-to-host copy and for the previous async save to
+                    # finish; the writing itself overlaps the next steps. Logged as ckpt_stall_s.
+                    t_save = time.perf_counter()
                     ckpt.save(done, state, data_it, config, force=True)
+                    stall_s += time.perf_counter() - t_save
+                probe = {}
+                if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
+                    probe = _probe(pieces, state, config)
+                    t_log += probe["probe_seconds"]  # keep the probe's time out of img/s
+                if done % config.log_every == 0 or done == total or probe:
+                    metrics = jax.device_get(metrics)
+                    elapsed = time.perf_counter() - t_log
+                    row = {k: float(v) for k, v in metrics.items()}
+                    row.update(img_per_sec=n_log * batch_size / elapsed if n_log else float("nan"),
+                               compile_s=compile_s, ckpt_stall_s=stall_s, **stats.as_dict(), **probe)
+                    writer.write(done, row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                    img_s=f"{row['img_per_sec']:.0f}")
+                    last = dict(row, step=done)
+                    t_log, n_log, stall_s = time.perf_counter(), 0, 0.0
                 if stop:
                     logging.warning("preempted: saved step %d, exiting", done)
                     break
@@ -158,11 +168,25 @@ def train(config, workdir: str | Path) -> dict:
 
 
 def _check_finite(metrics: dict, step: int) -> None:
-    for key in ("loss", "grad_norm"):
+    # param_norm is of the state about to be saved: a finite loss and gradient can still produce an update
+    # that overflows the parameters (a diverging learning rate), and that state must not be checkpointed.
+    for key in ("loss", "grad_norm", "param_norm"):
         value = float(metrics[key])
         if not math.isfinite(value):
             raise NonFiniteLossError(f"{key} is {value} at step {step}; stopping before it is checkpointed. "
                                      "The checkpoints of earlier steps are intact.")
+
+
+def _probe(pieces, state, config) -> dict:
+    """Linear probes of the current target encoder on the eval set (config.eval), on every process."""
+    from mefem_jax.evaluation.online_probe import probe_during_training
+
+    params = state.target_params
+    if jax.process_count() > 1:  # host copies of the (possibly cross-process) shards
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    return probe_during_training(pieces.objective.encoder, params, config.eval)
 
 
 def _init_encoder_from(state, config, state_sh):

@@ -102,7 +102,8 @@ def test_indices_are_static_unique_disjoint_and_cover_the_grid(strategy, grid, o
 @pytest.mark.parametrize("strategy", ["stripes", "multiblock"])
 def test_large_regions_are_subsampled_at_random_not_in_raster_order(strategy):
     grid = (14, 14)
-    masker = masking.make_masker(_config(strategy), grid)
+    cfg = _config(strategy, slots="subsample") if strategy == "stripes" else _config(strategy)
+    masker = masking.make_masker(cfg, grid)
     masks, ctx, _ = _draw(masker)
     n = grid[0] * grid[1]
     region = ctx.reshape(SAMPLES, masker.n_ctx, n)
@@ -142,7 +143,7 @@ KINDS = {"cross": {(True, True)}, "vertical": {(False, True)},
 @pytest.mark.parametrize("orientation,grid", [("cross", (7, 7)), ("cross", (14, 14)),
                                               ("random", (14, 14)), ("vertical", (7, 7))])
 def test_stripes_are_full_length_bands_with_bounded_width_and_ratio(orientation, grid):
-    cfg = _config("stripes", orientation=orientation)
+    cfg = _config("stripes", orientation=orientation, slots="subsample")
     k, (w_min, w_max), (r_min, r_max) = cfg.stripes.k, cfg.stripes.width, cfg.stripes.ratio
     masker = masking.make_masker(cfg, grid)
     n = grid[0] * grid[1]
@@ -166,6 +167,28 @@ def test_stripes_are_full_length_bands_with_bounded_width_and_ratio(orientation,
         assert all(w_min <= w <= w_max for _, w in row_bands + col_bands)
         kinds.add((len(row_bands) > 0, len(col_bands) > 0))
     assert kinds == KINDS[orientation]
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (14, 14)])
+def test_padded_stripes_keep_every_cell(grid):
+    """slots="pad" (the default): the valid context slots are exactly the stripe cells and the valid target
+    slots exactly the rest, so nothing is dropped; the spare slots are flagged invalid."""
+    masker = masking.make_masker(_config("stripes"), grid)
+    masks, ctx, tgt = _draw(masker)
+    n = grid[0] * grid[1]
+    sizes = ctx[:, 0].sum((1, 2))
+    assert masker.k_ctx == sizes.max() and masker.k_tgt == n - sizes.min()
+    np.testing.assert_array_equal(masks.ctx_valid[:, 0].sum(1), sizes)
+    np.testing.assert_array_equal(masks.tgt_valid[:, 0].sum(1), n - sizes)
+    for i in range(0, len(sizes), 97):
+        got_ctx = np.zeros(n, bool)
+        got_ctx[masks.ctx_idx[i, 0][masks.ctx_valid[i, 0]]] = True
+        got_tgt = np.zeros(n, bool)
+        got_tgt[masks.tgt_idx[i, 0][masks.tgt_valid[i, 0]]] = True
+        np.testing.assert_array_equal(got_ctx, ctx[i, 0].ravel())
+        np.testing.assert_array_equal(got_tgt, ~ctx[i, 0].ravel())
+    with pytest.raises(ValueError, match="stripes.slots"):
+        masking.make_masker(_config("stripes", slots="crop"), grid)
 
 
 # ------------------------------------------------------------------------------------------------
