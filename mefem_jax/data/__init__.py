@@ -1,0 +1,16 @@
+"""Face data: ArrayRecord shards, Grain pipelines, TFDS and synthetic sources.
+
+Read in this order:
+  records.py       one face record as bytes (image + id + labels)
+  manifest.py      the manifest.json that makes a shard folder a dataset
+  build_shards.py  CLI: image folder + labels CSV → shards + manifest
+  synthetic.py     procedurally drawn faces with known attributes (the default dataset)
+  sources.py       "synthetic" | shard folder | *.array_record glob | tfds:NAME → Grain source
+  decode.py        bytes → RGB, with JPEG draft decoding
+  augment.py       random-resized crop, flip, ImageNet normalisation
+  pipeline.py      the training and evaluation iterators (the API train.py uses)
+
+Nothing is imported here: `build_shards` and its worker processes need only PIL and the record
+format, not Grain (whose import pulls in JAX and costs seconds per process). Import what you
+use, e.g. `from mefem_jax.data.pipeline import make_train_iterator`.
+"""
