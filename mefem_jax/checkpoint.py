@@ -82,6 +82,7 @@ class Checkpointer:
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `sharding` set, so the arrays land
         directly on the current mesh whatever mesh wrote them. `data_iterator` is restored in place.
         """
+        unreadable = []
         for step in reversed(self.steps()):
             saved_config = self._read_config(step)
             if saved_config is not None:
@@ -94,10 +95,37 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back, loudly
                 logging.warning("checkpoint at step %d in %s cannot be restored (%s: %s); trying the previous one",
                                 step, self.directory, type(e).__name__, e)
+                unreadable.append(step)
                 continue
+            self._set_aside(unreadable)
             logging.info("resumed from step %d in %s", step, self.directory)
             return restored.state, step
+        if unreadable:
+            # Starting afresh here would silently discard the run (and rewrite its metrics from step 0).
+            raise RuntimeError(f"none of the checkpoints in {self.directory} (steps {sorted(unreadable)}) can be "
+                               "restored, see the warnings above; move them away to start this run afresh")
         return None, 0
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves unreadable step folders to WORKDIR/checkpoints_unreadable/, out of the manager's sight.
+
+        Left in place, they would break the resumed run: Orbax never saves a step at or below its newest
+        one, and refuses outright to save a step that exists. Moved, not deleted: a read can fail for
+        reasons that a person can still fix, and the folder is theirs to inspect.
+        """
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "checkpoints_unreadable"
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target, n = aside / str(step), 1
+                while target.exists():
+                    target, n = aside / f"{step}-{n}", n + 1
+                (self.directory / str(step)).rename(target)
+                logging.warning("moved the unreadable checkpoint of step %d to %s", step, target)
+        ocp.multihost.sync_global_processes("mefem_jax_set_aside_unreadable_checkpoints")
+        self.manager.reload()
 
     def _read_config(self, step: int) -> dict | None:
         try:
@@ -128,28 +156,28 @@ def with_shardings(abstract, shardings):
 
 
 def load_params_for_eval(workdir: str | Path, which: str = "target", step: int | None = None):
-    """(encoder params, model config dict, step) from a training workdir, without the optimizer state.
+    """(encoder params, the run's saved config as a dict, step) from a training workdir; the optimizer
+    state is read but not returned.
 
     `which="target"` is the EMA target encoder (the one I-JEPA evaluates), `"context"` the online one.
     """
+    if which not in ("target", "context"):
+        raise ValueError(f"which must be 'target' or 'context', got {which!r}")
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints/ folder in {workdir}")
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    step = steps[-1] if step is None else int(step)
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available: {steps}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             config=ocp.args.JsonRestore()))
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {directory}")
+        step = steps[-1] if step is None else int(step)
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available: {steps}")
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                 config=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
     state, config = restored.state, restored.config
-    if which == "target":
-        params = state["target_params"]
-    elif which == "context":
-        params = state["params"]["encoder"]
-    else:
-        raise ValueError(f"which must be 'target' or 'context', got {which!r}")
-    manager.close()
+    params = state["target_params"] if which == "target" else state["params"]["encoder"]
     return jax.tree.map(lambda x: jax.device_get(x), params), config, step

@@ -15,6 +15,12 @@ interchange format here:
 
 `params` here is the encoder's parameter tree, i.e. `variables["params"]` of `ViT.init`.
 torch is optional: it is imported only by the `.pth` readers/writers and by `import_timm`.
+
+From the command line (see `main` at the bottom):
+
+    python -m mefem_jax.export --workdir=RUN --out=FOLDER [--which=target|context] [--step=N]
+                               [--format=safetensors,pth]
+    python -m mefem_jax.export --checkpoint=RUN/checkpoints/N | FILE[:heads=H] --out=FOLDER
 """
 from __future__ import annotations
 
@@ -518,3 +524,143 @@ def import_timm():
     declare_torchvision_ops()
     import timm
     return timm
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: a training run (or any checkpoint the importer reads) -> a timm folder.
+#
+#   python -m mefem_jax.export --workdir=WORKDIR --out=FOLDER [--which=target|context] [--step=N]
+#                              [--format=safetensors,pth] [--overwrite]
+#   python -m mefem_jax.export --checkpoint=WORKDIR/checkpoints/N --out=FOLDER
+#   python -m mefem_jax.export --checkpoint=MeFEm-S.pth.tar|model.safetensors|FOLDER[:heads=H] --out=FOLDER
+#
+# The library above imports models only; the CLI is an entry point and reads training runs through
+# mefem_jax.checkpoint and foreign files through mefem_jax.evaluation.model_spec, imported when used.
+# ---------------------------------------------------------------------------------------------
+def _define_flags() -> None:
+    # Defined only when this file runs as a program: train.py imports this module after its own
+    # flags (it also has --workdir) are parsed, and absl refuses a flag defined twice.
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "Training run to export (its checkpoints/ folder).")
+    flags.DEFINE_string("checkpoint", None,
+                        "Instead of --workdir: one Orbax step folder (WORKDIR/checkpoints/N), or a weights "
+                        "file / folder the importer reads (MeFEm .pth.tar, timm .safetensors or folder, "
+                        "I-JEPA checkpoint); append :heads=H when the head count cannot be inferred.")
+    flags.DEFINE_string("out", None, "Folder to write model.safetensors, config.json and README.md to.")
+    flags.DEFINE_enum("which", "target", ["target", "context"],
+                      "The EMA target encoder (what I-JEPA evaluates) or the online context encoder.")
+    flags.DEFINE_integer("step", None, "With --workdir: the step to export (default: the newest).")
+    flags.DEFINE_list("format", ["safetensors"],
+                      f"Files to write, from {list(EXPORT_FORMATS)}: model.safetensors is always written, "
+                      "'pth' adds MeFEm's model.pth.tar.")
+    flags.DEFINE_bool("overwrite", False, "Replace the files of an earlier export in --out.")
+
+
+def _describe(section: Mapping[str, Any]) -> str:
+    """{'a': 1, 'b': {'c': 2}} -> 'a=1, b.c=2' for the model card."""
+    flat = traverse_util.flatten_dict(dict(section), sep=".")
+    return ", ".join(f"{k}={v}" for k, v in sorted(flat.items()))
+
+
+def training_card(config: Mapping[str, Any], step: int, which: str, source: str) -> dict[str, str]:
+    """Model-card fields describing how an encoder was trained, from the run's saved config."""
+    data, mask, loss, optim = config["data"], config["mask"], config["loss"], config["optim"]
+    strategy = mask["strategy"]
+    batch = int(data["batch_size"])
+    loss_rest = {k: v for k, v in loss.items() if not isinstance(v, Mapping)}
+    return {
+        "encoder": "target (EMA) encoder" if which == "target" else "context (online) encoder",
+        "source": f"{source}, step {step}",
+        "training data": str(data["train"]),
+        "steps": f"{step} of {config['total_steps']} at global batch {batch} ({step * batch:,} images seen)",
+        "mask strategy": f"{strategy} ({_describe(mask.get(strategy, {}))})",
+        "loss": _describe(loss_rest),
+        "circular loss weighting": _describe(loss.get("circular", {})),
+        "CLS reassignment": _describe(loss.get("cls", {})),
+        "predictor": _describe(config["predictor"]),
+        "optimiser": "AdamW, " + _describe(optim),
+        "seed": str(config.get("seed")),
+    }
+
+
+def _from_workdir(workdir: str, which: str, step: int | None, source: str):
+    import ml_collections
+
+    from mefem_jax.checkpoint import load_params_for_eval
+
+    params, config, step = load_params_for_eval(workdir, which, step)
+    model_cfg = ml_collections.ConfigDict(config["model"])
+    return params, model_cfg, training_card(config, step, which, source)
+
+
+def _is_orbax_step(path: Path) -> bool:
+    return path.is_dir() and (path / "_CHECKPOINT_METADATA").is_file()
+
+
+def _from_checkpoint(spec: str, which: str):
+    path = Path(spec)
+    if (path / "checkpoints").is_dir():  # a training workdir after all
+        return _from_workdir(spec, which, None, source=spec)
+    if _is_orbax_step(path):
+        if not path.name.isdigit() or path.parent.name != "checkpoints":
+            raise FileNotFoundError(f"{path} is an Orbax checkpoint but not WORKDIR/checkpoints/<step>; "
+                                    "pass the training workdir with --workdir (and --step)")
+        return _from_workdir(str(path.parent.parent), which, int(path.name), source=str(path.parent.parent))
+    if spec.startswith("random:"):
+        raise ValueError(f"--checkpoint={spec}: a random model has nothing to export")
+    from mefem_jax.evaluation.model_spec import load_model
+
+    loaded = load_model(spec, which=which)
+    card = {"source": spec}
+    if loaded.identity.get("notes"):
+        card["conversion notes"] = "; ".join(loaded.identity["notes"])
+    return loaded.params, loaded.model_cfg, card
+
+
+def main(argv) -> None:
+    from absl import app
+    from absl import flags
+    from absl import logging as logging_absl
+
+    logging_absl.set_verbosity(logging_absl.WARNING)  # Orbax narrates every restore at INFO
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
+        raise app.UsageError("give exactly one of --workdir or --checkpoint")
+    if FLAGS.out is None:
+        raise app.UsageError("--out is required")
+    if FLAGS.step is not None and FLAGS.workdir is None:
+        raise app.UsageError("--step goes with --workdir; a --checkpoint folder names its own step")
+    formats = tuple(dict.fromkeys(FLAGS.format))
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown or not formats:
+        raise app.UsageError(f"unknown --format {unknown or '(empty)'}; choose from {list(EXPORT_FORMATS)}")
+    out = Path(FLAGS.out)
+    existing = [n for n in ("model.safetensors", "model.pth.tar", "config.json") if (out / n).exists()]
+    if existing and not FLAGS.overwrite:
+        raise app.UsageError(f"{out} already holds an export ({', '.join(existing)}); pass --overwrite")
+
+    try:
+        if FLAGS.workdir is not None:
+            if not Path(FLAGS.workdir).is_dir() and "://" not in FLAGS.workdir:
+                raise FileNotFoundError(f"--workdir {FLAGS.workdir} does not exist")
+            params, model_cfg, card = _from_workdir(FLAGS.workdir, FLAGS.which, FLAGS.step, FLAGS.workdir)
+        else:
+            params, model_cfg, card = _from_checkpoint(FLAGS.checkpoint, FLAGS.which)
+        export_folder(params, model_cfg, out, formats=formats, card=card)
+        if "pth" not in formats and (out / "model.pth.tar").exists():
+            (out / "model.pth.tar").unlink()  # an earlier export's, no longer matching model.safetensors
+    except (OSError, ValueError) as e:  # missing files, wrong steps, mismatched keys: say what, no traceback
+        raise SystemExit(f"export failed: {type(e).__name__}: {e}") from None
+    name, args = timm_architecture(model_cfg)
+    print(json.dumps({"out": str(out), "architecture": name, "model_args": args,
+                      "files": sorted(p.name for p in out.iterdir())}))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -75,7 +75,6 @@ def train(config, workdir: str | Path) -> dict:
     is_lead = jax.process_index() == 0
     if is_lead:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
     mesh = sharding.make_mesh(config.mesh)
     sharding.log_mesh(mesh)
@@ -96,6 +95,8 @@ def train(config, workdir: str | Path) -> dict:
 
     ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
     state, start = ckpt.restore_latest(with_shardings(abstract, state_sh), data_it, config)
+    if is_lead:  # after the compatibility check: a refused resume leaves the run's config.json alone
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     if state is None:
         # Parameters are created directly in their shards: no host ever holds a full copy.
         state = jax.jit(init_fn, out_shardings=state_sh)(rng)
@@ -161,6 +162,7 @@ def train(config, workdir: str | Path) -> dict:
     finally:
         bar.close()
         ckpt.close()  # lets in-flight async saves of good steps finish, even when we stop on an error
+        data_it.close()  # stops Grain worker processes
         writer.close()
     if is_lead and writer.path.exists():
         plot_loss(writer.path, workdir / "plots" / "loss.png")

@@ -1,10 +1,12 @@
 """Shared test setup: the torchvision workaround, the `slow` marker, real faces and tiny configs."""
 from __future__ import annotations
 
+import atexit
 import csv
 import functools
 import importlib.util
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,7 +14,9 @@ from pathlib import Path
 # tests start (the training entry point, multi-device and multi-process runs). Many tests compile the
 # same tiny train step; on a 2-core machine each compile costs 15-40 s and a cache hit ~2 s. It sits
 # below jit's in-memory cache, so the tests that count traces and compilations still see every one.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mefem_jax_xla_cache_"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mefem_jax_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
