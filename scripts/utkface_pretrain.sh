@@ -41,10 +41,12 @@ run stripes --config.mask.strategy=stripes --config.loss.circular.enabled=False 
 run stripes_full --config.mask.strategy=stripes
 
 for model in multiblock stripes stripes_full random; do
-  spec="$OUT/$model"
-  [[ $model == random ]] && spec="random:vits@112:$ARCH"
+  spec="$OUT/$model" features=cls,mean
+  # The raw-pixel baseline does not depend on the model: fit it once, beside the random-init encoder.
+  [[ $model == random ]] && spec="random:vits@112:$ARCH" features=cls,mean,pixels
+  [[ -f "$OUT/eval_$model/report.json" ]] && continue  # finished earlier
   python -m mefem_jax.evaluate --model="$spec" --train="$FACES:split=train" --test="$FACES:split=test" \
-    --targets=age:regression,gender:classification,race:classification --features=cls,mean,pixels \
+    --targets=age:regression,gender:classification,race:classification --features="$features" \
     --out="$OUT/eval_$model"
 done
 echo "reports: $OUT/eval_*/report.md"

@@ -1,0 +1,448 @@
+"""Train-step throughput and MFU: the JAX MeFEm step next to a PyTorch reference step, in one run.
+
+    python benchmarks/train_step.py --variant=Ti --image_size=224 --batch=32 --strategy=stripes \\
+        --steps=3 --repeats=5 --dtype=float32 --json=/tmp/ti_stripes.json
+    python benchmarks/train_step.py --report /tmp/ti_stripes.json /tmp/s_stripes.json ...   # markdown table
+
+What is timed, per side, after a warm-up (which includes XLA's compilation on the JAX side):
+`--repeats` windows of `--steps` full updates (forward + backward + AdamW + EMA) on one batch of real
+UTKFace faces, the JAX windows ending in `block_until_ready` (torch on CPU is synchronous). Each round
+runs a JAX window, a torch window and a few samples of each side's matmul peak, so load from other
+processes on a shared machine hits all of them alike; the report is the median images/s of each side,
+the median of the per-round JAX/torch ratios and the median peaks.
+
+* JAX: `mefem_jax.train_step.make_train_step` jitted with the state donated, exactly as `train.py`
+  runs it. It draws its masks on device inside the step from `fold_in(rng, step)`.
+* PyTorch: `benchmarks/torch_reference.py` (timm modules, I-JEPA's step; eager, as I-JEPA runs).
+  It gets the very masks and CLS coins the JAX step draws at the same step, sampled by the JAX masker
+  and converted to index tensors before the timed region: the benchmark times the step, not masking.
+  (The JAX step's own on-device sampling is inside its timed step; its cost is reported separately.)
+
+FLOPs of one step are counted analytically (matmuls only, 2*M*N*K: patch-embed conv, qkv / proj / MLP,
+attention's QK^T and AV; backward = 2x forward for the trained context encoder and predictor, forward
+only for the EMA target encoder) and checked against XLA's own count of the compiled step
+(`cost_analysis()["flops"]`, which also counts element-wise work). MFU = analytic FLOPs per second /
+the matmul peak of this machine, measured in the same run with a large jitted matmul in JAX (and, for
+the torch column, a large `F.linear`), in each side's compute dtype.
+
+`--profile=DIR` then traces one step per side: the JAX thunks' time by op class (matmuls, layout copies,
+element-wise loops) and by fusion kind from a jax.profiler trace, and torch's top aten ops.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from configs import vits  # noqa: E402
+from mefem_jax.models.predictor import predictor_from_config  # noqa: E402
+from mefem_jax.models.vit import encoder_dims  # noqa: E402
+from mefem_jax.train_step import build, init_state, make_train_step  # noqa: E402
+
+UTKFACE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "utkface"))
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def make_config(variant: str, image_size: int, batch: int, strategy: str, dtype: str):
+    """configs/vits.py (I-JEPA recipe, predictor width 384 depth 6) at the requested size and masking."""
+    c = vits.get_config()
+    c.model.update(variant=variant, image_size=image_size, dtype=dtype)
+    c.mask.strategy = strategy
+    c.data.batch_size = batch
+    return c
+
+
+def load_faces(n: int, size: int) -> tuple[np.ndarray, str]:
+    """n UTKFace faces, bicubic-resized and ImageNet-normalised, NHWC float32 (noise if the data is absent)."""
+    labels = os.path.join(UTKFACE, "labels.csv")
+    if not os.path.isfile(labels):
+        rng = np.random.default_rng(0)
+        return rng.standard_normal((n, size, size, 3)).astype(np.float32), "gaussian noise (UTKFace absent)"
+    from PIL import Image
+    with open(labels, newline="") as f:
+        files = [row["file"] for row in csv.DictReader(f) if row["split"] == "train"]
+    out, skipped = [], []
+    for name in files:
+        if len(out) == n:
+            break
+        try:
+            with Image.open(os.path.join(UTKFACE, "images", name)) as im:
+                im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+        except OSError as e:  # unreadable or missing file: skip it, say so, take the next face
+            skipped.append(f"{name} ({e.__class__.__name__})")
+            continue
+        out.append((np.asarray(im, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable face(s): {', '.join(skipped[:5])}", flush=True)
+    if len(out) < n:
+        raise SystemExit(f"only {len(out)} readable UTKFace faces for a batch of {n}")
+    return np.stack(out), f"{n} UTKFace faces" + (f" ({len(skipped)} unreadable skipped)" if skipped else "")
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+
+
+def vit_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> int:
+    """Forward matmul FLOPs of `depth` pre-norm blocks on one sequence of `tokens` tokens.
+
+    Per block: qkv 2*T*D*3D, proj 2*T*D*D, MLP 2 * 2*T*D*(r*D), attention QK^T and AV 2*T*T*D each
+    (summed over heads). LayerNorm, softmax, GELU and residual adds are not matmuls and not counted.
+    """
+    hidden = int(width * mlp_ratio)
+    per_block = 2 * tokens * width * (3 * width + width + 2 * hidden) + 4 * tokens * tokens * width
+    return depth * per_block
+
+
+def step_flops(config, masker, batch: int) -> dict[str, int]:
+    """Analytic model FLOPs of one train step, with the forward pieces that make it up."""
+    width, depth, _ = encoder_dims(config.model)
+    pred = predictor_from_config(config.model, config.predictor)
+    p = config.model.patch_size
+    n = masker.grid[0] * masker.grid[1]
+    n_ctx, k_ctx, n_tgt, k_tgt = masker.n_ctx, masker.k_ctx, masker.n_tgt, masker.k_tgt
+    patch_embed = 2 * n * (3 * p * p) * width  # conv k=s=p over the whole image
+
+    target = patch_embed + vit_flops(1 + n, width, depth)
+    # Each context set embeds the full image, gathers its patches, then runs 1 + Kc tokens.
+    context = n_ctx * (patch_embed + vit_flops(1 + k_ctx, width, depth))
+    # Per context set: D -> Dp embed of its 1 + Kc tokens (I-JEPA embeds once, then repeats the result
+    # for each target set). Per (context, target) pair: the blocks on 1 + Kc + 1 + Kt tokens and the
+    # Dp -> D projection of the 1 + Kt predicted slots.
+    predictor = n_ctx * 2 * (1 + k_ctx) * width * pred.width
+    predictor += n_ctx * n_tgt * (vit_flops(2 + k_ctx + k_tgt, pred.width, pred.depth, pred.mlp_ratio)
+                                  + 2 * (1 + k_tgt) * pred.width * width)
+    per_image = {"target_fwd": target, "context_fwd": context, "predictor_fwd": predictor}
+    out = {k: batch * v for k, v in per_image.items()}
+    out["total"] = out["target_fwd"] + 3 * (out["context_fwd"] + out["predictor_fwd"])
+    return out
+
+
+def xla_flops(compiled) -> float:
+    """XLA's FLOP count of a compiled executable (a dict in current JAX, a list of dicts in older)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+# ------------------------------------------------------------------------------------ matmul peaks
+# Each returns a function that times ONE n x n @ n x n matmul and returns its FLOP/s. The run samples
+# them between the step windows, so the peak sees the same background load as the steps it divides.
+
+
+def jax_matmul_timer(n: int, dtype: str):
+    """Jitted matmul in the compute dtype (float32 accumulation for bf16 inputs, as the model's dots)."""
+    dt = jnp.dtype(dtype)
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dt)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dt)
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    mm(a, b).block_until_ready()
+
+    def sample() -> float:
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        return 2 * n ** 3 / (time.perf_counter() - t0)
+
+    return sample
+
+
+def torch_matmul_timer(n: int, dtype: str):
+    """`F.linear`, the call behind every `nn.Linear` of the reference. (In bf16 on a CPU without native
+    bf16 it takes oneDNN's path, ~15x faster than `torch.mm`'s fallback kernel; in fp32 both use BLAS.)"""
+    import torch
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dt)
+    b = torch.randn(n, n, generator=g).to(dt)
+    torch.nn.functional.linear(a, b)
+
+    def sample() -> float:
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(a, b)
+        return 2 * n ** 3 / (time.perf_counter() - t0)
+
+    return sample
+
+
+# ------------------------------------------------------------------------------------------ runners
+
+
+class JaxRunner:
+    """The production step: jitted, state donated, masks drawn inside from fold_in(rng, step)."""
+
+    def __init__(self, config, images: np.ndarray):
+        self.pieces = build(config)
+        self.state = jax.jit(lambda key: init_state(self.pieces, key))(jax.random.PRNGKey(0))
+        self.images = jnp.asarray(images)
+        t0 = time.perf_counter()
+        jitted = jax.jit(make_train_step(self.pieces), donate_argnums=0)
+        self.compiled = jitted.lower(self.state, self.images).compile()
+        self.compile_s = time.perf_counter() - t0
+
+    def masks_for_steps(self, steps: int):
+        """[(Masks, cls_target)] as numpy, for steps 0..steps-1: what the step draws at each."""
+        obj, batch = self.pieces.objective, self.images.shape[0]
+        sample = jax.jit(lambda step: obj.sample(jax.random.fold_in(self.state.rng, step), batch))
+        return [jax.tree.map(np.asarray, sample(jnp.int32(t))) for t in range(steps)]
+
+    def mask_sampling_s(self, repeats: int = 10) -> float:
+        """Seconds per call of the on-device mask sampling alone (part of every JAX step)."""
+        obj, batch = self.pieces.objective, self.images.shape[0]
+        sample = jax.jit(lambda key: obj.sample(key, batch))
+        jax.block_until_ready(sample(self.state.rng))
+        t0 = time.perf_counter()
+        for i in range(repeats):
+            out = sample(jax.random.fold_in(self.state.rng, i))
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / repeats
+
+    def run(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.state, metrics = self.compiled(self.state, self.images)
+        jax.block_until_ready((self.state, metrics))
+        return time.perf_counter() - t0
+
+
+class TorchRunner:
+    """benchmarks/torch_reference.py, fed the JAX step's masks as pre-built index tensors."""
+
+    def __init__(self, config, images: np.ndarray, masks, dtype: str, threads: int):
+        import torch
+        from benchmarks import torch_reference as ref
+        torch.set_num_threads(threads)
+        # Flush denormals to zero, as XLA's CPU thread pool does: otherwise Adam's second moments of tiny
+        # gradients go subnormal and torch's optimizer step alone runs ~6x slower on x86.
+        torch.set_flush_denormal(True)
+        self.model = ref.TorchMeFEm(config, dtype=dtype).train()
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+        self.masks = [self.model.make_masks(m, cls) for m, cls in masks]
+
+    def run(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.model.step(self.images, self.masks[self.model.step_count])
+        return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+def benchmark(args) -> dict:
+    config = make_config(args.variant, args.image_size, args.batch, args.strategy, args.dtype)
+    images, image_source = load_faces(args.batch, args.image_size)
+    total_steps = args.warmup + args.repeats * args.steps + 1  # + 1: the profiled step
+    load_before = os.getloadavg()
+
+    jx = JaxRunner(config, images)
+    masker = jx.pieces.objective.masker
+    flops = step_flops(config, masker, args.batch)
+    result = {
+        "variant": args.variant, "image_size": args.image_size, "batch": args.batch,
+        "strategy": args.strategy, "dtype": args.dtype, "steps": args.steps, "repeats": args.repeats,
+        "torch_dtype": None if args.skip_torch else args.torch_dtype,
+        "images": image_source,
+        "masks": {"n_ctx": masker.n_ctx, "k_ctx": masker.k_ctx, "n_tgt": masker.n_tgt, "k_tgt": masker.k_tgt},
+        "predictor": dict(config.predictor),
+        "flops_analytic": flops,
+        "flops_xla": xla_flops(jx.compiled),
+        "jax_compile_s": jx.compile_s,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                    "jax_devices": [str(d) for d in jax.devices()],
+                    "xla_flags": os.environ.get("XLA_FLAGS", "")},
+    }
+
+    timers = {"jax": jx.run}
+    peaks = {"jax": jax_matmul_timer(args.peak_size, args.dtype)}
+    if not args.skip_torch:
+        import torch
+        tr = TorchRunner(config, images, jx.masks_for_steps(total_steps), args.torch_dtype,
+                         args.threads or os.cpu_count())
+        timers["torch"] = tr.run
+        peaks["torch"] = torch_matmul_timer(args.peak_size, args.torch_dtype)
+        result["machine"].update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+
+    # Warm-up: the JAX executable's first runs (allocation) and torch's oneDNN primitive caches.
+    for run in timers.values():
+        run(args.warmup)
+    # Rounds alternate the sides (and the peak matmuls) so drifting background load hits all alike.
+    seconds = {side: [] for side in timers}
+    peak_samples = {side: [] for side in timers}
+    for r in range(args.repeats):
+        for side, run in timers.items():
+            seconds[side].append(run(args.steps))
+        for side, sample in peaks.items():
+            peak_samples[side] += [sample() for _ in range(args.peak_per_round)]
+        print(f"  round {r + 1}/{args.repeats}: " + ", ".join(
+            f"{side} {args.batch * args.steps / seconds[side][-1]:.2f} img/s" for side in timers), flush=True)
+
+    for side in timers:
+        img_s = [args.batch * args.steps / t for t in seconds[side]]
+        peak = statistics.median(peak_samples[side])
+        result[f"{side}_img_s_runs"] = img_s
+        result[f"{side}_img_s"] = statistics.median(img_s)
+        result[f"peak_{side}_flops"] = peak
+        result[f"peak_{side}_flops_runs"] = peak_samples[side]
+        result[f"{side}_mfu"] = flops["total"] * result[f"{side}_img_s"] / args.batch / peak
+    if "torch" in timers:
+        # Ratio within each round (same load), then the median: robust to drifting background load.
+        result["ratio_runs"] = [t / j for j, t in zip(seconds["jax"], seconds["torch"])]
+        result["ratio"] = statistics.median(result["ratio_runs"])
+        result["torch_mfu_vs_xla_peak"] = result["torch_mfu"] * result["peak_torch_flops"] / result["peak_jax_flops"]
+    result["jax_mask_sampling_ms"] = 1e3 * jx.mask_sampling_s()
+    result["load_avg_1min"] = [load_before[0], os.getloadavg()[0]]
+    if args.profile:
+        result["jax_profile_ms"] = profile_jax(jx, args.profile)
+        if "torch" in timers:
+            result["torch_profile_ms"] = profile_torch(tr)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ profiles
+
+
+def _op_kind(name: str) -> str:
+    """Coarse class of an XLA CPU thunk from its fusion name."""
+    if name.startswith(("ynn_fusion", "xnn_fusion", "onednn", "dot", "convolution")):
+        return "matmul / conv (YNNPACK, Eigen)"
+    if "copy" in name or "transpose" in name:
+        return "layout copies / transposes"
+    if "reduce" in name:
+        return "reductions"
+    return "element-wise loops"
+
+
+def profile_jax(jx: JaxRunner, trace_dir: str) -> dict[str, float]:
+    """Per-op time of one JAX step from a jax.profiler trace, summed by op class and by fusion kind."""
+    import collections
+    import glob
+    import gzip
+    import re
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    jx.run(1)
+    jax.profiler.stop_trace()
+    path = max(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    with gzip.open(path) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    by_kind, by_class = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        # Thunk events only: skip the executor / thread-pool / Python spans that enclose them.
+        if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "$", "Slinky", "PjitFunction")):
+            continue
+        ms = e.get("dur", 0) / 1e3
+        by_kind[re.sub(r"\.\d+$", "", name)] += ms
+        by_class[_op_kind(name)] += ms
+    return {"by_class": dict(by_class.most_common()), "by_fusion_kind": dict(by_kind.most_common(12))}
+
+
+def profile_torch(tr: "TorchRunner") -> dict[str, float]:
+    """Self CPU time of one torch step by aten op (top 12)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        tr.run(1)
+    rows = sorted(prof.key_averages(), key=lambda r: r.self_cpu_time_total, reverse=True)[:12]
+    return {r.key: r.self_cpu_time_total / 1e3 for r in rows}
+
+
+# -------------------------------------------------------------------------------------------- report
+
+HEADER = ("| variant | image | batch | strategy | dtype | JAX img/s | torch img/s | JAX/torch | JAX MFU | "
+          "torch MFU | step GFLOP analytic / XLA | matmul peak JAX / torch (GFLOP/s) |")
+
+
+def table_row(r: dict) -> str:
+    g = 1e-9
+    torch_cols = (f"{r['torch_img_s']:.2f} | {r['ratio']:.2f}x" if "torch_img_s" in r else "- | -")
+    torch_mfu = f"{100 * r['torch_mfu']:.1f}%" if "torch_mfu" in r else "-"
+    torch_peak = f"{g * r['peak_torch_flops']:.0f}" if "peak_torch_flops" in r else "-"
+    short = {"float32": "fp32", "bfloat16": "bf16", None: "-"}
+    dtype = short[r["dtype"]]
+    if r.get("torch_dtype") not in (None, r["dtype"]):
+        dtype += f" / torch {short[r['torch_dtype']]}"
+    return (f"| ViT-{r['variant']}/16 | {r['image_size']} | {r['batch']} | {r['strategy']} | {dtype} | "
+            f"{r['jax_img_s']:.2f} | {torch_cols} | {100 * r['jax_mfu']:.1f}% | {torch_mfu} | "
+            f"{g * r['flops_analytic']['total']:.0f} / {g * r['flops_xla']:.0f} | "
+            f"{g * r['peak_jax_flops']:.0f} / {torch_peak} |")
+
+
+HEADER_RULE = "|" + "---|" * (HEADER.count("|") - 1)
+
+
+def report(paths: list[str]) -> str:
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows.append(table_row(json.load(f)))
+    return "\n".join([HEADER, HEADER_RULE] + rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variant", default="Ti", choices=["Ti", "S", "B", "L"])
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--strategy", default="stripes", choices=["multiblock", "stripes", "quadrant"])
+    p.add_argument("--steps", type=int, default=3, help="steps per timed window")
+    p.add_argument("--repeats", type=int, default=5, help="timed windows per side (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after compilation")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--torch_dtype", default="", choices=["", "float32", "bfloat16"],
+                   help="the torch side's compute dtype when it should differ from --dtype (bf16 = autocast)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    p.add_argument("--peak_size", type=int, default=2048, help="side of the square matmul for the peak")
+    p.add_argument("--peak_per_round", type=int, default=2, help="peak matmul samples per side per round")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="after timing, trace one step per side (jax.profiler into DIR, torch.profiler)")
+    p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--json", default="", help="write the full result here")
+    p.add_argument("--report", nargs="+", metavar="JSON", help="print the markdown table of earlier runs and exit")
+    args = p.parse_args(argv)
+    args.torch_dtype = args.torch_dtype or args.dtype
+
+    if args.report:
+        print(report(args.report))
+        return
+    if not args.skip_torch:
+        from mefem_jax.export import declare_torchvision_ops
+        declare_torchvision_ops()  # before timm is imported (DESIGN.md section 8)
+
+    print(f"ViT-{args.variant}/16 {args.image_size}px batch {args.batch} {args.strategy} {args.dtype} "
+          f"on {jax.devices()[0].platform} ({os.cpu_count()} cores)", flush=True)
+    result = benchmark(args)
+    print(HEADER)
+    print(HEADER_RULE)
+    print(table_row(result))
+    print(f"JAX compile {result['jax_compile_s']:.1f} s; on-device mask sampling inside the JAX step "
+          f"{result['jax_mask_sampling_ms']:.2f} ms; FLOPs per step: "
+          + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in result["flops_analytic"].items()))
+    for side in ("jax", "torch"):
+        if f"{side}_profile_ms" in result:
+            print(f"{side} profile of one step (ms): {json.dumps(result[f'{side}_profile_ms'])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
