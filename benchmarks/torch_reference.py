@@ -51,7 +51,7 @@ from torch import nn
 from mefem_jax.export import import_timm, jax_to_timm_key, params_to_timm
 from mefem_jax.losses import loss_weight_grid
 from mefem_jax.models.predictor import predictor_from_config
-from mefem_jax.models.vit import encoder_dims, sincos_pos_embed
+from mefem_jax.models.vit import encoder_dims, sincos_pos_embed, unstack_blocks
 
 
 def _timm_vit():
@@ -376,7 +376,7 @@ _PREDICTOR_KEYS = {
 
 def predictor_state_dict(predictor_params) -> dict[str, np.ndarray]:
     """JAX predictor params -> the torch predictor's state dict; raises on any leaf without a mapping."""
-    flat = traverse_util.flatten_dict(dict(predictor_params), sep="/")
+    flat = traverse_util.flatten_dict(unstack_blocks(predictor_params), sep="/")  # scanned or not
     out, unknown = {}, []
     for path, value in flat.items():
         if path in _PREDICTOR_KEYS:

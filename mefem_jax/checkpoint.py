@@ -23,11 +23,15 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mefem_jax.models.vit import unstack_blocks
+
 # Config sections whose change makes old parameters or optimizer state meaningless for the new run.
 INCOMPATIBLE_KEYS = (
-    ("model", ("variant", "patch_size", "image_size", "posemb", "width", "depth", "heads")),
+    ("model", ("variant", "patch_size", "image_size", "posemb", "width", "depth", "heads", "scan_layers")),
     ("predictor", ("width", "depth", "heads")),
 )
+# What a key means when a config saved before it existed lacks it.
+ABSENT_MEANS = {("model", "scan_layers"): False}
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -140,8 +144,9 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
     problems = []
     for section, keys in INCOMPATIBLE_KEYS:
         for key in keys:
-            old = saved.get(section, {}).get(key)
-            new = current.get(section, {}).get(key)
+            absent = ABSENT_MEANS.get((section, key))
+            old = saved.get(section, {}).get(key, absent)
+            new = current.get(section, {}).get(key, absent)
             if old != new:
                 problems.append(f"{section}.{key}: checkpoint has {old!r}, this run has {new!r}")
     if problems:
@@ -180,4 +185,5 @@ def load_params_for_eval(workdir: str | Path, which: str = "target", step: int |
         manager.close()
     state, config = restored.state, restored.config
     params = state["target_params"] if which == "target" else state["params"]["encoder"]
-    return jax.tree.map(lambda x: jax.device_get(x), params), config, step
+    # Readers (evaluation, export) build unrolled encoders: undo a `model.scan_layers` stack.
+    return unstack_blocks(jax.tree.map(lambda x: jax.device_get(x), params)), config, step

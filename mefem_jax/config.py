@@ -20,8 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
 
     # Encoder (DESIGN.md 3.1). width/depth/heads = None takes them from the variant.
+    # scan_layers: blocks as one nn.scan'd stack (one compiled block body; see models/vit.run_blocks).
     c.model = dict(variant="B", patch_size=16, image_size=224, posemb="sincos", dtype="bfloat16",
-                   remat=False, width=None, depth=None, heads=None)
+                   remat=False, scan_layers=False, width=None, depth=None, heads=None)
     # Narrow predictor (DESIGN.md 3.2); heads = None uses the encoder's.
     c.predictor = dict(width=384, depth=6, heads=None)
 

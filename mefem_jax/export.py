@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mefem_jax.models.vit import VARIANTS, encoder_dims, encoder_from_config, sincos_pos_embed, trunc_normal
+from mefem_jax.models.vit import (VARIANTS, encoder_dims, encoder_from_config, sincos_pos_embed, stack_blocks,
+                                  trunc_normal, unstack_blocks)
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ def timm_to_jax_key(key: str) -> tuple[str, str] | None:
 # ---------------------------------------------------------------------------------------------
 def encoder_param_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
     """JAX parameter path -> shape for the configured encoder (abstract init, no FLOPs)."""
-    model = encoder_from_config(model_cfg)
+    # The unrolled layout (blocks_{i}) whatever model.scan_layers says: the table names one block each.
+    model = encoder_from_config(model_cfg).clone(scan=False)
     images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), images)
     flat = traverse_util.flatten_dict(variables["params"], sep="/")
@@ -186,7 +188,7 @@ def params_to_timm(params: Mapping, model_cfg) -> dict[str, np.ndarray]:
     """
     if set(params) == {"params"}:  # accept the whole variables dict too
         params = params["params"]
-    flat = traverse_util.flatten_dict(dict(params), sep="/")
+    flat = traverse_util.flatten_dict(unstack_blocks(params), sep="/")  # scanned or not
     layout = timm_layout(model_cfg)
     paths = [path for _, path, _ in layout.values() if path is not None]
 
@@ -243,7 +245,8 @@ def timm_to_params(state_dict: Mapping[str, Any], model_cfg) -> dict:
             flat[path] = np.ascontiguousarray(_TRANSFORMS[kind][1](array))
     if problems:
         raise ConversionError("checkpoint does not match the configured encoder", problems)
-    return traverse_util.unflatten_dict(flat, sep="/")
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    return stack_blocks(params) if model_cfg.get("scan_layers", False) else params
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")  # the batch dimension is split over both mesh axes
 
+# Leaves of a scanned block stack (`model.scan_layers`): axis 0 is the layer.
+STACKED = re.compile(r"(^|/)blocks/")
+
 DEFAULT_RULES: tuple[tuple[str, str], ...] = (
     (r".*(kernel|cls_token|mask_token|cls_query|pos_embed)$", "fsdp"),
     (r".*", "replicate"),  # biases and LayerNorm vectors: small, used everywhere
@@ -83,8 +86,11 @@ def spec_for(name: str, shape: tuple[int, ...], fsdp_size: int, rules=DEFAULT_RU
         return P()
     if rule != "fsdp":
         raise ValueError(f"unknown sharding rule {rule!r} for {name!r}")
-    # Largest dimension first; ties go to the later dimension (output features of a kernel).
-    for dim in sorted(range(len(shape)), key=lambda d: (shape[d], d), reverse=True):
+    # Largest dimension first; ties go to the later dimension (output features of a kernel). A scanned
+    # stack's leading layer axis is never split: the loop slices one layer per iteration, and a layer
+    # living on one device would serialise the loop behind it.
+    dims = range(1 if STACKED.search(name) else 0, len(shape))
+    for dim in sorted(dims, key=lambda d: (shape[d], d), reverse=True):
         if shape[dim] % fsdp_size == 0:
             spec = [None] * len(shape)
             spec[dim] = "fsdp"

@@ -4,7 +4,8 @@ Runs as its own process because the simulated device count (XLA_FLAGS) and `jax.
 before jax initialises. Modes:
 
     meshes    one process, N simulated devices: run each mesh in --meshes and print JSON comparing every
-              run with the single-device run (losses, max relative parameter error, parameter specs)
+              run with the single-device run of the same parameter layout (losses, max relative
+              parameter error, parameter specs); "+scan" runs a mesh with model.scan_layers
     run       one process of a (possibly multi-process) run: train on mesh --mesh and, on process 0,
               save losses and full parameters to --out (.npz)
 
@@ -27,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 GLOBAL_BATCH = 16
 
 
-def tiny_config(dtype: str = "float32"):
+def tiny_config(dtype: str = "float32", scan_layers: bool = False):
     from configs import vits
 
     c = vits.get_config("smoke")
     c.unlock()
-    c.model.update(width=64, depth=2, heads=2, dtype=dtype)
+    c.model.update(width=64, depth=2, heads=2, dtype=dtype, scan_layers=scan_layers)
     c.predictor.update(width=32, depth=1, heads=2)
     c.data.batch_size = c.optim.ref_batch = GLOBAL_BATCH
     c.optim.warmup_steps = 2
@@ -98,19 +99,28 @@ def mode_meshes(args) -> None:
     import jax
 
     faces = load_faces(GLOBAL_BATCH + 3 * args.steps, 112)
-    ref_losses, ref_state, _ = train_on_mesh(tiny_config(), (1, 1), args.steps, faces, jax.devices()[:1])
-    ref = gather(ref_state.params)
-    report = {"reference_losses": ref_losses, "meshes": {}}
+    refs = {}  # layout -> (losses, params) of the single-device run
+    report = {"reference_losses": {}, "meshes": {}}
     for spec in args.meshes.split(";"):
-        shape = tuple(int(x) for x in spec.split(","))
-        losses, state, state_sh = train_on_mesh(tiny_config(), shape, args.steps, faces)
+        # "2,4" or "2,4+scan": the scanned layout initialises differently, so it has its own reference.
+        shape_text, _, layout = spec.partition("+")
+        scan = layout == "scan"
+        if layout not in refs:
+            ref_losses, ref_state, _ = train_on_mesh(tiny_config(scan_layers=scan), (1, 1), args.steps, faces,
+                                                     jax.devices()[:1])
+            refs[layout] = ref_losses, gather(ref_state.params)
+            report["reference_losses"][layout or "unrolled"] = ref_losses
+        ref = refs[layout][1]
+        shape = tuple(int(x) for x in shape_text.split(","))
+        losses, state, state_sh = train_on_mesh(tiny_config(scan_layers=scan), shape, args.steps, faces)
         params = gather(state.params)
         rel = max(float(np.abs(params[k] - ref[k]).max() / (np.abs(ref[k]).max() + 1e-12)) for k in ref)
         specs = {"/".join(str(getattr(k, "key", k)) for k in path): str(s.spec)
                  for path, s in jax.tree_util.tree_leaves_with_path(state_sh.params)}
         actual = {"/".join(str(getattr(k, "key", k)) for k in path): str(x.sharding.spec)
                   for path, x in jax.tree_util.tree_leaves_with_path(state.params)}
-        report["meshes"][spec] = {"losses": losses, "max_rel_param_err": rel, "specs": specs, "actual": actual}
+        report["meshes"][spec] = {"losses": losses, "reference": layout or "unrolled", "max_rel_param_err": rel,
+                                  "specs": specs, "actual": actual}
     print("RESULT " + json.dumps(report))
 
 
@@ -133,7 +143,7 @@ def mode_run(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["meshes", "run"])
-    p.add_argument("--meshes", default="8,1;2,4;1,8")
+    p.add_argument("--meshes", default="8,1;2,4;1,8;2,4+scan")
     p.add_argument("--mesh", default="1,1")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="")

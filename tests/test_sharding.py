@@ -53,20 +53,26 @@ def test_mesh_sizes_and_errors():
 
 def test_sharded_step_matches_single_device_on_8_devices():
     """(8,1), (2,4) and (1,8) meshes: same losses and parameters as one device after 3 steps, and every
-    parameter carries the PartitionSpec the rules assign (FSDP visible on the kernels)."""
+    parameter carries the PartitionSpec the rules assign (FSDP visible on the kernels). (2,4) once more
+    with scan-over-layers: stacked kernels split on a feature axis, never the layer axis."""
     out = subprocess.run([sys.executable, str(SCRIPT), "meshes", "--steps", "3"], env=_env(8),
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     report = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    ref = np.array(report["reference_losses"])
+    assert set(report["meshes"]) == {"8,1", "2,4", "1,8", "2,4+scan"}
     for mesh, r in report["meshes"].items():
+        ref = np.array(report["reference_losses"][r["reference"]])
         np.testing.assert_allclose(r["losses"], ref, rtol=1e-5, err_msg=mesh)
         assert r["max_rel_param_err"] <= 2e-5, (mesh, r["max_rel_param_err"])
         assert r["specs"] == r["actual"], mesh
-        fsdp = int(mesh.split(",")[1])
-        qkv = r["actual"]["encoder/blocks_0/attn/qkv/kernel"]
-        assert qkv == ("P(None, 'fsdp')" if fsdp > 1 else "P()"), (mesh, qkv)
-        assert r["actual"]["encoder/blocks_0/attn/qkv/bias"] == "P()"
+        fsdp = int(mesh.split("+")[0].split(",")[1])
+        if r["reference"] == "scan":
+            qkv, bias = "encoder/blocks/attn/qkv/kernel", "encoder/blocks/attn/qkv/bias"
+            assert r["actual"][qkv] == "P(None, None, 'fsdp')", (mesh, r["actual"][qkv])
+        else:
+            qkv, bias = "encoder/blocks_0/attn/qkv/kernel", "encoder/blocks_0/attn/qkv/bias"
+            assert r["actual"][qkv] == ("P(None, 'fsdp')" if fsdp > 1 else "P()"), (mesh, r["actual"][qkv])
+        assert r["actual"][bias] == "P()"
 
 
 def _free_port() -> int:

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mefem_jax.models.vit import (block_class, compute_dtype, encoder_dims, key_mask, layer_norm,
+from mefem_jax.models.vit import (compute_dtype, encoder_dims, key_mask, layer_norm, run_blocks,
                                   sincos_pos_embed, trunc_normal)
 
 
@@ -38,6 +38,7 @@ class Predictor(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
     remat: bool = False
+    scan: bool = False  # blocks as one scanned subtree (see `vit.run_blocks`)
 
     @nn.compact
     def __call__(self, ctx_tokens: jax.Array, ctx_idx: jax.Array, ctx_valid: jax.Array,
@@ -72,9 +73,8 @@ class Predictor(nn.Module):
                                axis=1)
         mask = key_mask(keys)
 
-        block = block_class(self.remat)
-        for i in range(self.depth):
-            x = block(self.heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x, mask)
+        x = run_blocks(x, mask, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio,
+                       dtype=self.dtype, remat=self.remat, scan=self.scan)
         # Only the CLS query and the target slots are predictions; drop the context rows before
         # the norm and projection so no work is spent on them.
         x = layer_norm(self.dtype, "predictor_norm")(x[:, 1 + k_ctx:])
@@ -98,4 +98,4 @@ def predictor_from_config(model_cfg, predictor_cfg) -> Predictor:
         raise ValueError(f"predictor width {predictor_cfg.width} is not divisible by heads {heads}")
     return Predictor(out_width=enc_width, width=predictor_cfg.width, depth=predictor_cfg.depth,
                      heads=heads, grid=(side, side), dtype=compute_dtype(model_cfg.dtype),
-                     remat=bool(model_cfg.remat))
+                     remat=bool(model_cfg.remat), scan=bool(model_cfg.get("scan_layers", False)))

@@ -18,7 +18,8 @@ token's output depends on them; they still get an output row (which the caller i
 """
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -118,9 +119,62 @@ class Block(nn.Module):
         return x + Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
 
 
-def block_class(remat: bool) -> type[Block]:
-    """`Block`, or its rematerialised version (activations recomputed in the backward pass)."""
-    return nn.remat(Block) if remat else Block
+class _ScanBlock(Block):
+    """A `Block` in `nn.scan`'s calling convention: (carry, broadcast mask) -> (carry, no output)."""
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, None]:
+        return super().__call__(x, mask), None
+
+
+def run_blocks(x: jax.Array, mask: jax.Array | None, *, depth: int, heads: int, mlp_ratio: float,
+               dtype: Any, remat: bool, scan: bool) -> jax.Array:
+    """`depth` blocks on `x`, created as children of the calling (compact) module.
+
+    Unrolled (`scan=False`), the parameters are `blocks_0 ... blocks_{depth-1}`, one subtree per block,
+    the layout the timm key table names. Scanned, they are one subtree `blocks` whose leaves carry a
+    leading `depth` axis, and XLA compiles one block body instead of `depth` copies: compile time stops
+    growing with depth, which matters for ViT-L and deeper predictors on pods. `stack_blocks` /
+    `unstack_blocks` convert between the two; the checkpoint conversion goes through the unrolled one.
+    `remat` recomputes each block's activations in the backward pass, in either form.
+    """
+    if scan:
+        body = nn.remat(_ScanBlock, prevent_cse=False) if remat else _ScanBlock  # CSE is moot in a loop
+        stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=nn.broadcast, length=depth)
+        x, _ = stack(heads, mlp_ratio, dtype, name="blocks")(x, mask)
+        return x
+    block = nn.remat(Block) if remat else Block
+    for i in range(depth):
+        x = block(heads, mlp_ratio, dtype, name=f"blocks_{i}")(x, mask)
+    return x
+
+
+_BLOCK_KEY = re.compile(r"blocks_(\d+)$")
+
+
+def stack_blocks(params: Mapping) -> dict:
+    """Unrolled `blocks_{i}` subtrees -> one scanned `blocks` subtree (leaves stacked on a new axis 0)."""
+    params = dict(params)
+    found = {int(m.group(1)): k for k in params if (m := _BLOCK_KEY.match(k))}
+    if not found:
+        return params
+    if sorted(found) != list(range(len(found))):
+        raise ValueError(f"block subtrees are not numbered 0..n-1: {sorted(found)}")
+    layers = [params.pop(found[i]) for i in range(len(found))]
+    params["blocks"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+    return params
+
+
+def unstack_blocks(params: Mapping) -> dict:
+    """One scanned `blocks` subtree -> unrolled `blocks_{i}`; a tree without it is returned as is."""
+    params = dict(params)
+    if "blocks" not in params:
+        return params
+    stacked = params.pop("blocks")
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(depth):
+        params[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params
 
 
 class PatchEmbed(nn.Module):
@@ -149,6 +203,7 @@ class ViT(nn.Module):
     posemb: str = "sincos"  # "sincos" (fixed) | "learn"
     dtype: Any = jnp.float32
     remat: bool = False
+    scan: bool = False  # one scanned `blocks` subtree instead of `blocks_{i}` (see `run_blocks`)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -199,9 +254,8 @@ class ViT(nn.Module):
             patch_key = jnp.ones((batch, k), bool) if patch_valid is None else patch_valid
             mask = key_mask(jnp.concatenate([cls_key[:, None], patch_key], axis=1))
 
-        block = block_class(self.remat)
-        for i in range(self.depth):
-            x = block(self.heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x, mask)
+        x = run_blocks(x, mask, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio,
+                       dtype=self.dtype, remat=self.remat, scan=self.scan)
         return layer_norm(self.dtype, "norm")(x)
 
 
@@ -226,8 +280,9 @@ def encoder_dims(model_cfg) -> tuple[int, int, int]:
 
 def encoder_from_config(model_cfg) -> ViT:
     """Build the encoder from the `model` ConfigDict (variant, patch_size, image_size, posemb,
-    dtype, remat and optional width/depth/heads overrides)."""
+    dtype, remat, scan_layers and optional width/depth/heads overrides)."""
     width, depth, heads = encoder_dims(model_cfg)
     return ViT(width=width, depth=depth, heads=heads, patch_size=model_cfg.patch_size,
                image_size=model_cfg.image_size, posemb=model_cfg.posemb,
-               dtype=compute_dtype(model_cfg.dtype), remat=bool(model_cfg.remat))
+               dtype=compute_dtype(model_cfg.dtype), remat=bool(model_cfg.remat),
+               scan=bool(model_cfg.get("scan_layers", False)))
