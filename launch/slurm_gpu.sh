@@ -15,6 +15,8 @@ if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); 
 fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=/dev/null  # lib.sh is checked on its own (tests/test_launch.py)
+source "$ROOT/launch/lib.sh"  # die, quote
 readonly ROOT
 # SLURM sends SIGTERM this long before the time limit; training saves a checkpoint on SIGTERM.
 readonly TERM_LEAD_SECONDS=300
@@ -49,30 +51,6 @@ Options
 
 Everything after `--` goes verbatim to mefem_jax.train, e.g. -- --config.mesh.fsdp=8
 EOF
-}
-
-die() {
-  echo "slurm_gpu.sh: error: $*" >&2
-  echo "run 'launch/slurm_gpu.sh -h' for usage" >&2
-  exit 2
-}
-
-# Prints its arguments as one line that a POSIX shell reads back as the same words.
-quote() {
-  local words=() w flag
-  for w in "$@"; do
-    flag=""
-    if [[ $w =~ ^--[A-Za-z0-9_.-]+= ]]; then # --flag='value' reads better than '--flag=value'
-      flag=${BASH_REMATCH[0]}
-      w=${w#"$flag"}
-    fi
-    if [[ $w =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      words+=("$flag$w")
-    else
-      words+=("$flag'${w//\'/\'\\\'\'}'")
-    fi
-  done
-  printf '%s' "${words[*]}"
 }
 
 absolute() { # a local path made absolute against the caller's directory; URLs stay as they are

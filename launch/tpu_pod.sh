@@ -15,6 +15,8 @@ if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); 
 fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=/dev/null  # lib.sh is checked on its own (tests/test_launch.py)
+source "$ROOT/launch/lib.sh"  # die, quote
 readonly ROOT
 # jax must match setup.py's pin (tests/test_launch.py checks); [tpu] adds the matching libtpu.
 readonly JAX_TPU='jax[tpu]==0.10.2'
@@ -73,32 +75,7 @@ Everything after `--` goes verbatim to mefem_jax.train, e.g. -- --config.mesh.fs
 EOF
 }
 
-die() { # a usage error: say what is wrong and how to get help
-  echo "tpu_pod.sh: error: $*" >&2
-  echo "run 'launch/tpu_pod.sh -h' for usage" >&2
-  exit 2
-}
-
 warn() { echo "tpu_pod.sh: warning: $*" >&2; }
-
-# Prints its arguments as one line that a POSIX shell reads back as the same words. Used for the
-# printed commands (copy-pasteable) and for the command lines sent to the workers.
-quote() {
-  local words=() w flag
-  for w in "$@"; do
-    flag=""
-    if [[ $w =~ ^--[A-Za-z0-9_.-]+= ]]; then # --flag='value' reads better than '--flag=value'
-      flag=${BASH_REMATCH[0]}
-      w=${w#"$flag"}
-    fi
-    if [[ $w =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-      words+=("$flag$w")
-    else
-      words+=("$flag'${w//\'/\'\\\'\'}'")
-    fi
-  done
-  printf '%s' "${words[*]}"
-}
 
 run() { # print, then run unless --dry-run
   printf '+ %s\n' "$(quote "$@")" >&2

@@ -163,7 +163,7 @@ def jax_pin() -> str:
 # Both launchers
 
 
-@pytest.mark.parametrize("script", [TPU, SLURM], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [TPU, SLURM, TPU.with_name("lib.sh")], ids=lambda p: p.name)
 def test_launcher_passes_shellcheck(script):
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck missing: it comes with the test extra (pip install -e '.[test]')"
