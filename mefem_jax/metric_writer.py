@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from etils import epath
@@ -22,9 +23,7 @@ class MetricWriter:
         self._remote = "://" in str(workdir)
         if enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-
-            self._tb = SummaryWriter(str(self.workdir / "tb"))
+            self._tb = _summary_writer_class()(str(self.workdir / "tb"))
 
     @property
     def path(self) -> epath.Path:
@@ -57,6 +56,25 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, which writes event files without TensorFlow.
+
+    tensorboardX imports torch whenever torch is installed (the test extra installs it), only so that it
+    can accept torch tensors, which we never log. That costs 3-5 s at every start of the entry point. When
+    torch is not loaded yet, it is hidden for the duration of this one import; torch itself stays
+    importable afterwards.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` inside tensorboardX raises ImportError, which it handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _to_json(v):
