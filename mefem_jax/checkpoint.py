@@ -23,8 +23,6 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mefem_jax.models.vit import unstack_blocks
-
 # Config sections whose change makes old parameters or optimizer state meaningless for the new run.
 INCOMPATIBLE_KEYS = (
     ("model", ("variant", "patch_size", "image_size", "posemb", "width", "depth", "heads", "scan_layers")),
@@ -165,6 +163,8 @@ def load_params_for_eval(workdir: str | Path, which: str = "target", step: int |
     state is read but not returned.
 
     `which="target"` is the EMA target encoder (the one I-JEPA evaluates), `"context"` the online one.
+    The params are in the layout the saved config describes: stacked under `blocks` when the run had
+    `model.scan_layers` (`models.vit.unstack_blocks` gives the per-block layout).
     """
     if which not in ("target", "context"):
         raise ValueError(f"which must be 'target' or 'context', got {which!r}")
@@ -185,5 +185,4 @@ def load_params_for_eval(workdir: str | Path, which: str = "target", step: int |
         manager.close()
     state, config = restored.state, restored.config
     params = state["target_params"] if which == "target" else state["params"]["encoder"]
-    # Readers (evaluation, export) build unrolled encoders: undo a `model.scan_layers` stack.
-    return unstack_blocks(jax.tree.map(lambda x: jax.device_get(x), params)), config, step
+    return jax.tree.map(lambda x: jax.device_get(x), params), config, step

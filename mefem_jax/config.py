@@ -20,9 +20,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
 
     # Encoder (DESIGN.md 3.1). width/depth/heads = None takes them from the variant.
-    # scan_layers: blocks as one nn.scan'd stack (one compiled block body; see models/vit.run_blocks).
+    # scan_layers: the blocks as one nn.scan'd stack (models/vit.run_blocks): one compiled block body,
+    # so compiles are 2-4x shorter, and on CPU a faster step (benchmarks/RESULTS.md). Checkpoints hold
+    # the stacked layout; export and evaluation convert, so the timm files are the same either way.
     c.model = dict(variant="B", patch_size=16, image_size=224, posemb="sincos", dtype="bfloat16",
-                   remat=False, scan_layers=False, width=None, depth=None, heads=None)
+                   remat=False, scan_layers=True, width=None, depth=None, heads=None)
     # Narrow predictor (DESIGN.md 3.2); heads = None uses the encoder's.
     c.predictor = dict(width=384, depth=6, heads=None)
 

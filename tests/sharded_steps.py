@@ -4,11 +4,11 @@ Runs as its own process because the simulated device count (XLA_FLAGS) and `jax.
 before jax initialises. Modes:
 
     meshes    one process, N simulated devices: run each mesh in --meshes and print JSON comparing every
-              run with the single-device run of the same parameter layout (losses, max relative
-              parameter error, parameter specs); "+scan" runs a mesh with model.scan_layers
+              run with the single-device run (losses, max relative parameter error, parameter specs)
     run       one process of a (possibly multi-process) run: train on mesh --mesh and, on process 0,
               save losses and full parameters to --out (.npz)
 
+`--layers` picks the block layout: scanned (the default config's) or unrolled.
 Every process reads the same real faces and contributes its own contiguous slice of the global batch,
 as a data pipeline would.
 """
@@ -99,19 +99,13 @@ def mode_meshes(args) -> None:
     import jax
 
     faces = load_faces(GLOBAL_BATCH + 3 * args.steps, 112)
-    refs = {}  # layout -> (losses, params) of the single-device run
-    report = {"reference_losses": {}, "meshes": {}}
+    scan = args.layers == "scan"
+    ref_losses, ref_state, _ = train_on_mesh(tiny_config(scan_layers=scan), (1, 1), args.steps, faces,
+                                             jax.devices()[:1])
+    ref = gather(ref_state.params)
+    report = {"reference_losses": ref_losses, "meshes": {}}
     for spec in args.meshes.split(";"):
-        # "2,4" or "2,4+scan": the scanned layout initialises differently, so it has its own reference.
-        shape_text, _, layout = spec.partition("+")
-        scan = layout == "scan"
-        if layout not in refs:
-            ref_losses, ref_state, _ = train_on_mesh(tiny_config(scan_layers=scan), (1, 1), args.steps, faces,
-                                                     jax.devices()[:1])
-            refs[layout] = ref_losses, gather(ref_state.params)
-            report["reference_losses"][layout or "unrolled"] = ref_losses
-        ref = refs[layout][1]
-        shape = tuple(int(x) for x in shape_text.split(","))
+        shape = tuple(int(x) for x in spec.split(","))
         losses, state, state_sh = train_on_mesh(tiny_config(scan_layers=scan), shape, args.steps, faces)
         params = gather(state.params)
         rel = max(float(np.abs(params[k] - ref[k]).max() / (np.abs(ref[k]).max() + 1e-12)) for k in ref)
@@ -119,8 +113,7 @@ def mode_meshes(args) -> None:
                  for path, s in jax.tree_util.tree_leaves_with_path(state_sh.params)}
         actual = {"/".join(str(getattr(k, "key", k)) for k in path): str(x.sharding.spec)
                   for path, x in jax.tree_util.tree_leaves_with_path(state.params)}
-        report["meshes"][spec] = {"losses": losses, "reference": layout or "unrolled", "max_rel_param_err": rel,
-                                  "specs": specs, "actual": actual}
+        report["meshes"][spec] = {"losses": losses, "max_rel_param_err": rel, "specs": specs, "actual": actual}
     print("RESULT " + json.dumps(report))
 
 
@@ -132,7 +125,7 @@ def mode_run(args) -> None:
         jax.distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id)
     faces = load_faces(GLOBAL_BATCH + 3 * args.steps, 112)
     shape = tuple(int(x) for x in args.mesh.split(","))
-    losses, state, _ = train_on_mesh(tiny_config(), shape, args.steps, faces)
+    losses, state, _ = train_on_mesh(tiny_config(scan_layers=args.layers == "scan"), shape, args.steps, faces)
     params = gather(state.params)
     if jax.process_index() == 0:
         np.savez(args.out, losses=np.array(losses), **{"p:" + k: v for k, v in params.items()})
@@ -143,7 +136,8 @@ def mode_run(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["meshes", "run"])
-    p.add_argument("--meshes", default="8,1;2,4;1,8;2,4+scan")
+    p.add_argument("--meshes", default="8,1;2,4;1,8")
+    p.add_argument("--layers", default="scan", choices=["scan", "unrolled"], help="model.scan_layers or not")
     p.add_argument("--mesh", default="1,1")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="")

@@ -37,9 +37,9 @@ def encoder_case(faces):
     valid = np.ones((2, 20), bool)
     valid[1, 15:] = False
     inputs = dict(patch_idx=idx, patch_valid=valid, cls_visible=np.array([True, False]))
-    params = unrolled.init(jax.random.key(1), images)["params"]
-    # Non-trivial biases and LayerNorm scales, so a layer swapped in the stack would show.
-    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape), params)
+    # Random values in every leaf (biases and LayerNorm scales too), so a layer swapped in the stack shows.
+    shapes = jax.eval_shape(unrolled.init, jax.random.key(1), images)["params"]
+    params = jax.tree.map(lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
     return unrolled, scanned, params, images, inputs
 
 
@@ -126,18 +126,18 @@ def _stacked_state(state: TrainState, tx) -> TrainState:
                          opt_state=tx.init(params))
 
 
-def test_scanned_train_steps_match_unrolled(faces):
-    """Three full updates (masks, loss, AdamW, EMA) from the same weights in the two layouts."""
+def test_scanned_and_remat_train_steps_match_unrolled(faces):
+    """Three full updates (masks, loss, AdamW, EMA) from the same weights: unrolled blocks, scanned blocks,
+    and scanned blocks with remat (which changes memory, not the maths)."""
     batch = jnp.asarray(faces(8, 112))
     config = tiny_config(steps=3)
     config.model.depth = config.predictor.depth = 2
     results = {}
-    for scan in (False, True):
-        config.model.scan_layers = scan
+    for name, scan, remat in (("unrolled", False, False), ("scan", True, False), ("scan+remat", True, True)):
+        config.model.update(scan_layers=scan, remat=remat)
         pieces = build(config)
-        if not scan:
-            state = init_state(pieces, jax.random.PRNGKey(0))
-            start = state
+        if name == "unrolled":
+            state = start = init_state(pieces, jax.random.PRNGKey(0))
         else:
             state = _stacked_state(start, pieces.tx)
         step = jax.jit(make_train_step(pieces))
@@ -145,8 +145,10 @@ def test_scanned_train_steps_match_unrolled(faces):
         for _ in range(3):
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
-        results[scan] = (np.array(losses), state)
-    (l0, s0), (l1, s1) = results[False], results[True]
-    np.testing.assert_allclose(l1, l0, rtol=1e-5)
-    _tree_close({k: unstack_blocks(v) for k, v in s1.params.items()}, s0.params, rtol=1e-4, atol=1e-6)
-    _tree_close(unstack_blocks(s1.target_params), s0.target_params, rtol=1e-4, atol=1e-6)
+        results[name] = (np.array(losses), state)
+    l0, s0 = results["unrolled"]
+    for name in ("scan", "scan+remat"):
+        l1, s1 = results[name]
+        np.testing.assert_allclose(l1, l0, rtol=1e-5, err_msg=name)
+        _tree_close({k: unstack_blocks(v) for k, v in s1.params.items()}, s0.params, rtol=1e-4, atol=1e-6)
+        _tree_close(unstack_blocks(s1.target_params), s0.target_params, rtol=1e-4, atol=1e-6)

@@ -30,7 +30,8 @@ import numpy as np
 
 from mefem_jax import export
 from mefem_jax.evaluation.spec_options import SpecError, split_options
-from mefem_jax.models.vit import VARIANTS, ViT, encoder_dims, encoder_from_config, sincos_pos_embed
+from mefem_jax.models.vit import (VARIANTS, ViT, encoder_dims, encoder_from_config, sincos_pos_embed,
+                                  unstack_blocks)
 
 RANDOM_VARIANTS = {"vitti": "Ti", "vits": "S", "vitb": "B", "vitl": "L"}
 _INT_OPTIONS = ("width", "depth", "heads", "patch", "seed")
@@ -192,6 +193,7 @@ def _workdir_model(workdir: Path, which: str, dtype: str) -> LoadedModel:
         raise ModelSpecError(f"{workdir} is a training workdir, but mefem_jax.checkpoint cannot be "
                              f"imported to read it: {err}") from err
     params, config, step = load_params_for_eval(workdir, which)
+    params = unstack_blocks(params)  # evaluation builds the unrolled encoder (no scan_layers below)
     model = dict(config["model"])
     cfg = model_config(model["variant"], image_size=model["image_size"], patch_size=model["patch_size"],
                        posemb=model["posemb"], dtype=dtype, width=model.get("width"),
