@@ -21,7 +21,8 @@ the median of the per-round JAX/torch ratios and the median peaks.
 FLOPs of one step are counted analytically (matmuls only, 2*M*N*K: patch-embed conv, qkv / proj / MLP,
 attention's QK^T and AV; backward = 2x forward for the trained context encoder and predictor, forward
 only for the EMA target encoder) and checked against XLA's own count of the compiled step
-(`cost_analysis()["flops"]`, which also counts element-wise work). MFU = analytic FLOPs per second /
+(`cost_analysis()["flops"]`, which also counts element-wise work; `--layers=unrolled` only, since XLA
+counts a while loop's body once and the default scanned step is such a loop). MFU = analytic FLOPs per second /
 the matmul peak of this machine, measured in the same run with a large jitted matmul in JAX (and, for
 the torch column, a large `F.linear`), in each side's compute dtype.
 
@@ -60,10 +61,10 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # --------------------------------------------------------------------------------------------- setup
 
 
-def make_config(variant: str, image_size: int, batch: int, strategy: str, dtype: str):
+def make_config(variant: str, image_size: int, batch: int, strategy: str, dtype: str, scan_layers: bool = True):
     """configs/vits.py (I-JEPA recipe, predictor width 384 depth 6) at the requested size and masking."""
     c = vits.get_config()
-    c.model.update(variant=variant, image_size=image_size, dtype=dtype)
+    c.model.update(variant=variant, image_size=image_size, dtype=dtype, scan_layers=scan_layers)
     c.mask.strategy = strategy
     c.data.batch_size = batch
     return c
@@ -188,13 +189,13 @@ def torch_matmul_timer(n: int, dtype: str):
 class JaxRunner:
     """The production step: jitted, state donated, masks drawn inside from fold_in(rng, step)."""
 
-    def __init__(self, config, images: np.ndarray):
+    def __init__(self, config, images: np.ndarray, compiler_options: dict | None = None):
         self.pieces = build(config)
         self.state = jax.jit(lambda key: init_state(self.pieces, key))(jax.random.PRNGKey(0))
         self.images = jnp.asarray(images)
         t0 = time.perf_counter()
         jitted = jax.jit(make_train_step(self.pieces), donate_argnums=0)
-        self.compiled = jitted.lower(self.state, self.images).compile()
+        self.compiled = jitted.lower(self.state, self.images).compile(compiler_options=compiler_options or None)
         self.compile_s = time.perf_counter() - t0
 
     def masks_for_steps(self, steps: int):
@@ -229,8 +230,8 @@ class TorchRunner:
         import torch
         from benchmarks import torch_reference as ref
         torch.set_num_threads(threads)
-        # Flush denormals to zero, as XLA's CPU thread pool does: otherwise Adam's second moments of tiny
-        # gradients go subnormal and torch's optimizer step alone runs ~6x slower on x86.
+        # Flush denormals to zero, as XLA's CPU runtime does: Adam's second moments of tiny gradients go
+        # subnormal, and on x86 that made torch's optimizer step 2x (fused) to 6x (foreach) slower here.
         torch.set_flush_denormal(True)
         self.model = ref.TorchMeFEm(config, dtype=dtype).train()
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
@@ -247,18 +248,20 @@ class TorchRunner:
 
 
 def benchmark(args) -> dict:
-    config = make_config(args.variant, args.image_size, args.batch, args.strategy, args.dtype)
+    config = make_config(args.variant, args.image_size, args.batch, args.strategy, args.dtype,
+                         scan_layers=args.layers == "scan")
     images, image_source = load_faces(args.batch, args.image_size)
     total_steps = args.warmup + args.repeats * args.steps + 1  # + 1: the profiled step
     load_before = os.getloadavg()
 
-    jx = JaxRunner(config, images)
+    jx = JaxRunner(config, images, args.xla_options)
     masker = jx.pieces.objective.masker
     flops = step_flops(config, masker, args.batch)
     result = {
         "variant": args.variant, "image_size": args.image_size, "batch": args.batch,
         "strategy": args.strategy, "dtype": args.dtype, "steps": args.steps, "repeats": args.repeats,
         "torch_dtype": None if args.skip_torch else args.torch_dtype,
+        "xla_options": args.xla_options, "scan_layers": args.layers == "scan",
         "images": image_source,
         "masks": {"n_ctx": masker.n_ctx, "k_ctx": masker.k_ctx, "n_tgt": masker.n_tgt, "k_tgt": masker.k_tgt},
         "predictor": dict(config.predictor),
@@ -368,7 +371,7 @@ def profile_torch(tr: "TorchRunner") -> dict[str, float]:
 # -------------------------------------------------------------------------------------------- report
 
 HEADER = ("| variant | image | batch | strategy | dtype | JAX img/s | torch img/s | JAX/torch | JAX MFU | "
-          "torch MFU | step GFLOP analytic / XLA | matmul peak JAX / torch (GFLOP/s) |")
+          "torch MFU | step GFLOP analytic / XLA | matmul peak JAX / torch (GFLOP/s) | JAX compile s |")
 
 
 def table_row(r: dict) -> str:
@@ -380,10 +383,16 @@ def table_row(r: dict) -> str:
     dtype = short[r["dtype"]]
     if r.get("torch_dtype") not in (None, r["dtype"]):
         dtype += f" / torch {short[r['torch_dtype']]}"
+    # Files written before the flag existed ran the then-default unrolled blocks.
+    dtype += ", scan" if r.get("scan_layers") else ", unrolled"
+    if r.get("xla_options"):
+        dtype += " " + " ".join(f"`{k}={v}`" for k, v in r["xla_options"].items())
+    # XLA's cost analysis counts a while loop's body once, so a scanned step's count is not comparable.
+    xla = "(loop)" if r.get("scan_layers") else f"{g * r['flops_xla']:.0f}"
     return (f"| ViT-{r['variant']}/16 | {r['image_size']} | {r['batch']} | {r['strategy']} | {dtype} | "
             f"{r['jax_img_s']:.2f} | {torch_cols} | {100 * r['jax_mfu']:.1f}% | {torch_mfu} | "
-            f"{g * r['flops_analytic']['total']:.0f} / {g * r['flops_xla']:.0f} | "
-            f"{g * r['peak_jax_flops']:.0f} / {torch_peak} |")
+            f"{g * r['flops_analytic']['total']:.0f} / {xla} | "
+            f"{g * r['peak_jax_flops']:.0f} / {torch_peak} | {r['jax_compile_s']:.0f} |")
 
 
 HEADER_RULE = "|" + "---|" * (HEADER.count("|") - 1)
@@ -395,6 +404,16 @@ def report(paths: list[str]) -> str:
         with open(path) as f:
             rows.append(table_row(json.load(f)))
     return "\n".join([HEADER, HEADER_RULE] + rows)
+
+
+def parse_xla_option(text: str) -> tuple[str, object]:
+    """'key=value' -> (key, bool | int | str), the types XLA's compiler_options accept."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--xla_option expects KEY=VALUE, got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    return key, int(value) if value.lstrip("-").isdigit() else value
 
 
 def main(argv=None):
@@ -415,10 +434,15 @@ def main(argv=None):
     p.add_argument("--profile", default="", metavar="DIR",
                    help="after timing, trace one step per side (jax.profiler into DIR, torch.profiler)")
     p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--layers", default="scan", choices=["scan", "unrolled"],
+                   help="the JAX blocks as one nn.scan (model.scan_layers, the default) or unrolled")
+    p.add_argument("--xla_option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an XLA debug option for the JAX step's compilation, e.g. xla_cpu_enable_fast_math=true")
     p.add_argument("--json", default="", help="write the full result here")
     p.add_argument("--report", nargs="+", metavar="JSON", help="print the markdown table of earlier runs and exit")
     args = p.parse_args(argv)
     args.torch_dtype = args.torch_dtype or args.dtype
+    args.xla_options = dict(parse_xla_option(o) for o in args.xla_option)
 
     if args.report:
         print(report(args.report))
