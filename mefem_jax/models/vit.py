@@ -133,8 +133,10 @@ def run_blocks(x: jax.Array, mask: jax.Array | None, *, depth: int, heads: int, 
     Unrolled (`scan=False`), the parameters are `blocks_0 ... blocks_{depth-1}`, one subtree per block,
     the layout the timm key table names. Scanned, they are one subtree `blocks` whose leaves carry a
     leading `depth` axis, and XLA compiles one block body instead of `depth` copies: compile time stops
-    growing with depth, which matters for ViT-L and deeper predictors on pods. `stack_blocks` /
-    `unstack_blocks` convert between the two; the checkpoint conversion goes through the unrolled one.
+    growing with depth, which matters for ViT-L and deeper predictors on pods, and XLA cannot fuse (and
+    recompute) gradient chains across blocks, which made the unrolled step slower on CPU
+    (benchmarks/RESULTS.md). `stack_blocks` / `unstack_blocks` convert between the two; the timm
+    conversion in export.py always goes through the unrolled one.
     `remat` recomputes each block's activations in the backward pass, in either form.
     """
     if scan:
