@@ -19,6 +19,7 @@ from mefem_jax.evaluation.probes import blas_threads
 from mefem_jax.evaluation.survival import fit_survival_probe
 from mefem_jax.evaluation.targets import TargetError, parse_targets
 from mefem_jax.evaluation.verification import PairsError
+from data_corpus import write_labels
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "random:vitti@64:width=64,depth=2,heads=2"  # 4x4 patch grid; compiles in about a second
@@ -37,14 +38,6 @@ def one_blas_thread():
 
 def utk(utkface_dir, options: str) -> str:
     return f"{utkface_dir}:{options}"
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def utk_rows(utkface_dir, split: str, n: int) -> list[dict]:
@@ -97,7 +90,7 @@ def test_folder_reader_filters_and_counts_unreadable_images(utkface_dir, tmp_pat
         (images / r["file"]).symlink_to(utkface_dir / "images" / r["file"])
     (images / "broken.jpg").write_bytes(b"not a jpeg")
     extra = [{**rows[0], "file": "broken.jpg"}, {**rows[0], "file": "missing.jpg"}]
-    write_csv(tmp_path / "labels.csv", rows + extra)
+    write_labels(tmp_path / "labels.csv", rows + extra)
 
     data = open_eval_data(f"{tmp_path}:split=test", image_size=32, batch_size=4)
     batches = list(data.batches())
@@ -138,7 +131,7 @@ def test_short_batches_are_padded_not_recompiled(tiny, utkface_dir):
 def test_cache_hits_and_invalidates(tiny, utkface_dir, tmp_path):
     folder = tmp_path / "faces"
     folder.mkdir()
-    write_csv(folder / "labels.csv", utk_rows(utkface_dir, "test", 6))
+    write_labels(folder / "labels.csv", utk_rows(utkface_dir, "test", 6))
     spec = f"{folder}:images={utkface_dir / 'images'}"
     data = open_eval_data(spec, tiny.image_size, 4)
     first, path, hit = cached_embeddings(tiny, data, tmp_path / "cache")
@@ -233,7 +226,7 @@ def test_bad_inputs_get_clear_errors(tiny, utkface_dir, tmp_path):
     rows = utk_rows(utkface_dir, "train", 9)
     for i, r in enumerate(rows):
         r["group"] = "solo" if i == 0 else "ab"[i % 2]
-    write_csv(tmp_path / "labels.csv", rows)
+    write_labels(tmp_path / "labels.csv", rows)
     lonely = f"{tmp_path}:images={utkface_dir / 'images'}"
     with pytest.raises(TargetError, match=r"\['solo'\] have a single training example"):
         run_evaluation(train=lonely, test=lonely, targets="group:classification", **common)
