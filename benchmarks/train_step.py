@@ -195,7 +195,12 @@ class JaxRunner:
         self.images = jnp.asarray(images)
         t0 = time.perf_counter()
         jitted = jax.jit(make_train_step(self.pieces), donate_argnums=0)
-        self.compiled = jitted.lower(self.state, self.images).compile(compiler_options=compiler_options or None)
+        try:
+            self.compiled = jitted.lower(self.state, self.images).compile(compiler_options=compiler_options or None)
+        except jax.errors.JaxRuntimeError as err:
+            if compiler_options and "compile option" in str(err):  # an --xla_option XLA does not know
+                raise SystemExit(f"--xla_option: {err}") from None
+            raise
         self.compile_s = time.perf_counter() - t0
 
     def masks_for_steps(self, steps: int):
