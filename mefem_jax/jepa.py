@@ -4,6 +4,7 @@
     images --(context encoder, ctx_idx patches [+ CLS unless reassigned])--> z
     z --(predictor, mask tokens at tgt_idx + CLS query)--> predictions
     loss = sum_slots w * smooth_l1(pred, target) / sum w,   w = circular weight (patches) | CLS flag
+         [+ sigreg_weight * SIGReg(z's CLS and mean-pooled patches), optional, off in MeFEm's recipe]
 
 Masks and the per-sample CLS coin are drawn from `rng` inside the jitted step, on device, with static
 shapes (DESIGN.md 3.3): nothing in here depends on the host or changes shape between steps.
@@ -30,6 +31,10 @@ class JEPA:
     target_ln_eps: float = 1e-5
     p_cls_target: float = 0.5
     cls_weight: float = 1.0
+    sigreg_weight: float = 0.0
+    sigreg_slices: int = 256
+    sigreg_knots: int = 17
+    sigreg_t_max: float = 3.0
 
     # ----------------------------------------------------------------------------------- pieces
 
@@ -44,8 +49,9 @@ class JEPA:
         h = self.encoder.apply({"params": target_params}, images)
         return normalize(jax.lax.stop_gradient(h), self.target_ln_eps)
 
-    def predict(self, params, images, masks: Masks, cls_target: jax.Array) -> jax.Array:
-        """Predictions [B, n_ctx, n_tgt, 1+Kt, D] for every (context set, target set) pair, as I-JEPA pairs them."""
+    def predict(self, params, images, masks: Masks, cls_target: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Predictions [B, n_ctx, n_tgt, 1+Kt, D] for every (context set, target set) pair, as I-JEPA
+        pairs them, and the context encoder's tokens [B*n_ctx, 1+Kc, D] they were made from."""
         b, n_ctx, k_ctx = masks.ctx_idx.shape
         n_tgt, k_tgt = masks.tgt_idx.shape[1:]
         cls_in_ctx = ~cls_target
@@ -73,15 +79,28 @@ class JEPA:
             tgt_idx,
             tgt_valid,
         )
-        return pred.reshape(b, n_ctx, n_tgt, 1 + k_tgt, -1)
+        return pred.reshape(b, n_ctx, n_tgt, 1 + k_tgt, -1), z
+
+    def anti_collapse(self, z: jax.Array, ctx_valid: jax.Array, rng: jax.Array) -> jax.Array:
+        """SIGReg (losses.sigreg) of the context encoder's two readouts, CLS and the mean of the valid
+        patch tokens, averaged. CLS is computed even where it is hidden as a key (reassigned), so every
+        sample contributes both. 0 when the term is off."""
+        if not self.sigreg_weight:
+            return jnp.zeros((), jnp.float32)
+        valid = ctx_valid.reshape(z.shape[0], -1, 1).astype(jnp.float32)
+        mean = jnp.sum(z[:, 1:].astype(jnp.float32) * valid, 1) / jnp.maximum(valid.sum(1), 1.0)
+        kw = dict(slices=self.sigreg_slices, knots=self.sigreg_knots, t_max=self.sigreg_t_max)
+        r_cls, r_mean = jax.random.split(rng)
+        return 0.5 * (losses.sigreg(z[:, 0], r_cls, **kw) + losses.sigreg(mean, r_mean, **kw))
 
     # ------------------------------------------------------------------------------- objective
 
     def loss(self, params, target_params, images, rng):
         b = images.shape[0]
+        reg_rng = jax.random.fold_in(rng, 1)  # leaves the mask stream of `rng` as it was without the term
         masks, cls_target = self.sample(rng, b)
         h = self.targets(target_params, images)  # [B, 1+N, D]
-        pred = self.predict(params, images, masks, cls_target)  # [B, n_ctx, n_tgt, 1+Kt, D]
+        pred, z = self.predict(params, images, masks, cls_target)  # [B, n_ctx, n_tgt, 1+Kt, D]
         n_ctx = pred.shape[1]
 
         # Targets at the slots: CLS first, then the patch tokens at tgt_idx (+1 skips the CLS row of h).
@@ -93,12 +112,16 @@ class JEPA:
         w = losses.slot_weights(self.weight_grid, masks.tgt_idx, masks.tgt_valid, cls_target[:, None],
                                 self.cls_weight)  # [B, n_tgt, 1+Kt]
         w = jnp.broadcast_to(w[:, None], pred.shape[:-1])
-        loss, per_slot = losses.weighted_loss(pred, target, w, self.loss_kind, self.beta)
+        jepa_loss, per_slot = losses.weighted_loss(pred, target, w, self.loss_kind, self.beta)
+        reg = self.anti_collapse(z, masks.ctx_valid, reg_rng)
+        loss = jepa_loss + self.sigreg_weight * reg
 
         patch_w = w[..., 1:]
         cls_w = w[..., 0]
         metrics = {
             "loss": loss,
+            "loss_jepa": jepa_loss,
+            "sigreg": reg,
             "loss_patch": jnp.sum(per_slot[..., 1:] * patch_w) / jnp.maximum(patch_w.sum(), 1e-12),
             # Mean CLS loss over the samples whose CLS was a target (0 when none was in this batch).
             "loss_cls": jnp.sum(per_slot[..., 0] * cls_w) / jnp.maximum(cls_w.sum(), 1e-12),
@@ -140,4 +163,8 @@ def make_jepa(config, encoder, predictor, masker: Masker) -> JEPA:
         target_ln_eps=lc.target_ln_eps,
         p_cls_target=lc.cls.p_target,
         cls_weight=lc.cls.loss_weight,
+        sigreg_weight=float(lc.sigreg.weight),
+        sigreg_slices=int(lc.sigreg.slices),
+        sigreg_knots=int(lc.sigreg.knots),
+        sigreg_t_max=float(lc.sigreg.t_max),
     )

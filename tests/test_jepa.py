@@ -134,3 +134,26 @@ def test_learns_on_real_faces_without_collapse(utkface_dir):
     std0, std1 = history[0]["target_std"], history[-1]["target_std"]
     assert last < 0.6 * first, f"loss did not fall enough: {first:.4f} -> {last:.4f}"
     assert std1 > 0.02 and std1 > 0.2 * std0, f"target features collapsed: std {std0:.4f} -> {std1:.4f}"
+
+
+def test_sigreg_term_is_added_only_when_asked(face_batch):
+    """Weight 0 (MeFEm's recipe) leaves the loss exactly the JEPA loss and the masks unchanged; a weight
+    adds weight * sigreg, and its gradient reaches the context encoder's CLS even when CLS is a target."""
+    base = tiny_config(p_cls=1.0)
+    reg = tiny_config(p_cls=1.0)
+    reg.loss.sigreg.weight = 0.5
+    out = {}
+    for name, c in (("base", base), ("reg", reg)):
+        pieces = build(c)
+        state = init_state(pieces, jax.random.PRNGKey(0))
+        obj = pieces.objective
+        out[name] = jax.jit(jax.value_and_grad(
+            lambda p: obj.loss(p, state.target_params, face_batch, jax.random.PRNGKey(3)), has_aux=True))(state.params)
+    (loss0, m0), g0 = out["base"]
+    (loss1, m1), g1 = out["reg"]
+    assert float(m0["sigreg"]) == 0.0 and float(loss0) == float(m0["loss_jepa"])
+    assert float(m1["loss_jepa"]) == float(m0["loss_jepa"])  # same masks, same JEPA term
+    assert float(m1["sigreg"]) > 0
+    assert float(loss1) == pytest.approx(float(m1["loss_jepa"]) + 0.5 * float(m1["sigreg"]), rel=1e-6)
+    assert np.abs(np.asarray(g0["encoder"]["cls_token"])).max() == 0.0
+    assert np.abs(np.asarray(g1["encoder"]["cls_token"])).max() > 0.0

@@ -1,4 +1,5 @@
 """Circular weights, target normalisation, slot weights and the weighted loss, against hand computations."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,3 +82,33 @@ def test_weighted_loss_hand_example():
     # A zero-weight slot cannot move the loss, however wrong its prediction.
     loss2, _ = losses.weighted_loss(pred.at[1].set(1e6), tgt, jnp.array([3.0, 0.0]), "smooth_l1", 1.0)
     assert float(loss2) == pytest.approx(1.3125)
+
+
+# ------------------------------------------------------------------------------- SIGReg (optional)
+
+
+def test_sigreg_is_small_for_gaussians_and_large_for_collapse():
+    key = jax.random.key(0)
+    gauss = jax.random.normal(key, (256, 64))
+    low_rank = gauss[:, :2] @ jax.random.normal(jax.random.key(1), (2, 64)) / np.sqrt(2.0)
+    g = float(losses.sigreg(gauss, key))
+    assert g < 2.0  # O(1) for N(0, I) data, whatever the batch size
+    assert float(losses.sigreg(low_rank, key)) > 10 * g  # two directions carry everything
+    assert float(losses.sigreg(3.0 * gauss, key)) > 10 * g  # wrong scale
+    assert float(losses.sigreg(gauss + 2.0, key)) > 10 * g  # wrong mean
+    assert float(losses.sigreg(jnp.ones((256, 64)), key)) > 100 * g  # every sample the same
+
+
+def test_sigreg_matches_a_float64_numpy_reference():
+    x = np.random.default_rng(0).standard_normal((32, 8)) * 1.3 + 0.2
+    key = jax.random.key(3)
+    dirs = np.asarray(jax.random.normal(key, (8, 16), jnp.float32), np.float64)
+    dirs /= np.linalg.norm(dirs, axis=0)
+    t = np.linspace(0.0, 3.0, 17)
+    proj = x @ dirs
+    ecf_re = np.cos(proj[:, :, None] * t).mean(0)
+    ecf_im = np.sin(proj[:, :, None] * t).mean(0)
+    integrand = ((ecf_re - np.exp(-t ** 2 / 2)) ** 2 + ecf_im ** 2) * np.exp(-t ** 2 / 2)
+    expected = 32 * (2 * np.trapezoid(integrand, t, axis=1)).mean()
+    got = float(losses.sigreg(jnp.asarray(x, jnp.float32), key, slices=16))
+    assert got == pytest.approx(expected, rel=1e-4)
