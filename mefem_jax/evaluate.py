@@ -9,15 +9,18 @@
 
 --model (see model_spec.py): a weights file, an exported folder, a training workdir, or
 random:vitti|vits|vitb|vitl[@SIZE][:width=..,depth=..,heads=..,seed=..].
---train / --test / --pairs_data (see eval_data.py): an image folder with labels.csv, a CSV, a shard
+--train / --test / --pairs_data (see evaluation/data.py): an image folder with labels.csv, a CSV, a shard
 folder, synthetic or tfds:NAME, each optionally followed by :key=value options (split=, limit=,
 sample=, label filters).
 --targets (see targets.py): age:regression,gender:classification,time,event:survival.
 --pairs: a verification pairs file (see verification.py), scored on --pairs_data (default --test).
 
-For every target and each feature set (CLS token, mean-pooled patches, and a raw-pixel baseline)
-a probe is fitted on train with its penalty chosen by cross-validation on train, and scored once
-on test. Writes OUT/report.json, OUT/report.md and PNG plots. Embeddings are cached (see
+For every target and each feature set (CLS token, mean-pooled patches, patch tokens pooled to a
+--grid_size grid, and a raw-pixel baseline) a probe is fitted on train with its penalty chosen by
+cross-validation on train, and scored once on test, with a bootstrap 95 % interval over the test
+rows. The report also gives the effective rank (RankMe) of the CLS, mean-pooled and patch-token
+embeddings of the test images, and warns when one has collapsed. Writes OUT/report.json,
+OUT/report.md and PNG plots. Embeddings are cached (see
 embeddings.py), so re-running with other targets costs only the probes.
 """
 from __future__ import annotations
@@ -28,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mefem_jax.evaluation import rankme
 from mefem_jax.evaluation import report as eval_report
-from mefem_jax.evaluation.embeddings import FEATURES, PIXEL_SIZE, cached_embeddings, default_cache_dir
+from mefem_jax.evaluation.embeddings import (FEATURES, GRID_SIZE, PIXEL_SIZE, cached_embeddings,
+                                             default_cache_dir)
 from mefem_jax.evaluation.data import open_eval_data
 from mefem_jax.export import ConversionError
 from mefem_jax.evaluation.model_spec import load_model
@@ -49,14 +54,14 @@ INPUT_ERRORS = (UsageError, SpecError, ConversionError, TargetError, PairsError,
 logger = logging.getLogger(__name__)
 
 
-def _embed(model, spec: str, split: str, batch_size: int, cache_dir, pixel_size: int, report: dict,
-           targets: list[Target] = ()):
+def _embed(model, spec: str, split: str, batch_size: int, cache_dir, pixel_size: int, grid_size: int,
+           report: dict, targets: list[Target] = ()):
     # The pairs are scored on a test set: synthetic / tfds sources default to their test split.
     data = open_eval_data(spec, model.image_size, batch_size, default_split="train" if split == "train" else "test")
     if data.table is not None:  # a CSV's columns are known before embedding: fail fast
         check_columns(list(targets), data.table.columns, split)
     t0 = time.perf_counter()
-    emb, cache_file, hit = cached_embeddings(model, data, cache_dir, pixel_size)
+    emb, cache_file, hit = cached_embeddings(model, data, cache_dir, pixel_size, grid_size)
     report["data"][split] = {
         "spec": str(data.spec), "n": len(emb), "skipped": {k: len(v) for k, v in emb.skipped.items()},
         "skipped_examples": {k: v[:10] for k, v in emb.skipped.items()},
@@ -71,7 +76,8 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
                    targets: str | None = None, pairs: str | None = None, pairs_data: str | None = None,
                    which: str = "target", batch_size: int = 64, cache_dir: str | Path | None = "default",
                    pixel_size: int = PIXEL_SIZE, features: tuple[str, ...] = FEATURES,
-                   dtype: str = "float32", seed: int = 0, probe_threads: int | None = 1) -> dict:
+                   dtype: str = "float32", seed: int = 0, probe_threads: int | None = 1,
+                   grid_size: int = GRID_SIZE) -> dict:
     """Everything the CLI does; returns the report dict (also written to `out`).
     `cache_dir="default"` uses `embeddings.default_cache_dir()`; None disables the cache.
     `probe_threads`: BLAS threads for the probe fits (see `probes.blas_threads`; None: default)."""
@@ -80,6 +86,8 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
     unknown = [f for f in features if f not in FEATURES]
     if unknown:
         raise UsageError(f"unknown feature set(s) {unknown}; choose from {FEATURES}")
+    if grid_size < 1:
+        raise UsageError(f"--grid_size must be at least 1, got {grid_size}")
     parsed: list[Target] = parse_targets(targets) if targets else []
     if parsed and not (train and test):
         raise UsageError("--targets needs both --train and --test")
@@ -95,13 +103,15 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
     report: dict = {
         "model": {"spec": model, "which": which, "identity": loaded.identity,
                   "config": loaded.model_cfg.to_dict(), "width": width, "depth": depth, "heads": heads},
-        "pixel_size": pixel_size, "data": {}, "probes": [], "verification": [], "plots": [],
-        "warnings": []}
+        "pixel_size": pixel_size, "grid_size": grid_size, "data": {}, "probes": [], "verification": [],
+        "plots": [], "health": {}, "warnings": []}
     out.mkdir(parents=True, exist_ok=True)
 
     if parsed:
-        emb_train = _embed(loaded, train, "train", batch_size, cache_dir, pixel_size, report, parsed)
-        emb_test = _embed(loaded, test, "test", batch_size, cache_dir, pixel_size, report, parsed)
+        emb_train = _embed(loaded, train, "train", batch_size, cache_dir, pixel_size, grid_size, report, parsed)
+        emb_test = _embed(loaded, test, "test", batch_size, cache_dir, pixel_size, grid_size, report, parsed)
+        report["health"] = rankme.health(emb_test.features, emb_test.tokens)
+        report["warnings"] += rankme.low_rank_warnings(report["health"], width)
         check_columns(parsed, list(emb_train.labels), "train")
         check_columns(parsed, list(emb_test.labels), "test")
         shared = np.intersect1d(emb_train.ids, emb_test.ids)
@@ -112,7 +122,8 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
             _run_probes(parsed, emb_train, emb_test, features, out, report, seed)
 
     if pairs_parsed is not None:
-        emb_pairs = _embed(loaded, pairs_data or test, "pairs", batch_size, cache_dir, pixel_size, report)
+        emb_pairs = _embed(loaded, pairs_data or test, "pairs", batch_size, cache_dir, pixel_size, grid_size,
+                           report)
         _run_verification(pairs_parsed, emb_pairs, features, out, report)
 
     for w in report["warnings"]:
@@ -128,7 +139,7 @@ def _run_probes(parsed: list[Target], emb_train, emb_test, features, out: Path, 
         results = {}
         for feature in features:
             t0 = time.perf_counter()
-            row, result = probe_target(target, emb_train, emb_test, feature, seed=seed)
+            row, result = probe_target(target, emb_train, emb_test, feature, seed=seed, intervals=True)
             row["seconds"] = round(time.perf_counter() - t0, 2)
             report["probes"].append(row)
             results[feature] = result
@@ -169,7 +180,7 @@ def main(argv) -> None:
             model=f.model, out=f.out, train=f.train, test=f.test, targets=f.targets, pairs=f.pairs,
             pairs_data=f.pairs_data, which=f.which, batch_size=f.batch_size,
             cache_dir=f.cache_dir or None, pixel_size=f.pixel_size, features=tuple(f.features),
-            dtype=f.dtype, seed=f.seed, probe_threads=f.probe_threads or None)
+            dtype=f.dtype, seed=f.seed, probe_threads=f.probe_threads or None, grid_size=f.grid_size)
     except INPUT_ERRORS as err:
         raise SystemExit(f"error: {err}") from None
     print(eval_report.markdown_report(report))
@@ -191,6 +202,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("cache_dir", str(default_cache_dir()), "Embedding cache folder; empty to disable.")
     flags.DEFINE_integer("pixel_size", PIXEL_SIZE, "Side of the downsampled raw-pixel baseline.")
     flags.DEFINE_list("features", list(FEATURES), "Feature sets to probe.")
+    flags.DEFINE_integer("grid_size", GRID_SIZE, "The grid readout pools the patch tokens to this many cells a side.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the forward pass.")
     flags.DEFINE_integer("seed", 0, "Seed of the cross-validation folds.")
     flags.DEFINE_integer("probe_threads", 1, "BLAS threads for the probe fits; 0 = the library default.")

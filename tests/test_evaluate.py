@@ -184,15 +184,21 @@ def test_cli_on_utkface(utkface_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["train"]["n"] == 40 and report["data"]["test"]["n"] == 24
     rows = {(r["target"], r["features"]): r for r in report["probes"]}
-    assert set(rows) == {(t, f) for t in ("age", "gender") for f in ("cls", "mean", "pixels")}
+    assert set(rows) == {(t, f) for t in ("age", "gender") for f in ("cls", "mean", "grid", "pixels")}
     assert all(np.isfinite(r["metrics"]["mae"]) for (t, _), r in rows.items() if t == "age")
+    for r in rows.values():  # every probe figure carries its bootstrap interval
+        for metric, (lo, hi) in r["intervals"].items():
+            if np.isfinite(r["metrics"][metric]):
+                assert lo <= r["metrics"][metric] <= hi, (metric, r)
+    assert set(report["health"]) == {"rankme_cls", "rankme_mean", "rankme_patch"}
+    assert all(1.0 <= v <= 64 for v in report["health"].values())
     assert all(0 <= r["metrics"]["accuracy"] <= 1 for (t, _), r in rows.items() if t == "gender")
     verification = {r["features"]: r for r in report["verification"]}
     assert verification["cls"]["n_genuine"] == 23 and verification["cls"]["roc_auc"] == 1.0
     for png in ("age_scatter.png", "gender_roc.png", "verification_roc.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
-    assert "| age | cls |" in md and "TAR@FAR=0.01" in md
+    assert "| age | cls |" in md and "TAR@FAR=0.01" in md and "rankme_patch" in md
 
     # The CLI's cached embeddings are the tiny model's features of those faces.
     cached = np.load(report["data"]["test"]["cache"])
@@ -303,6 +309,7 @@ def test_probe_during_training(tiny):
     cfg.max_images, cfg.features = 96, "cls,mean"
     first = probe_during_training(tiny.encoder, tiny.params, cfg)
     expected = {f"probe_{t}_{m}{s}" for t in ("face_width", "skin_tone") for m in ("mae", "r2") for s in ("", "_mean")}
+    expected |= {"rankme_cls", "rankme_mean", "rankme_patch"}
     assert expected <= set(first) and all(np.isfinite(first[k]) for k in expected)
 
     compiled = embed_batch._cache_size()

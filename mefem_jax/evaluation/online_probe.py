@@ -6,7 +6,12 @@ split) and keeps them in host memory as uint8; every call embeds them with the c
 (the jitted forward of embeddings.py, compiled once) and fits the probes of `targets` on train,
 scored on test. It returns flat scalars for the metric writer, e.g.
 
-    {"probe_face_width_mae": 0.031, "probe_face_width_r2": 0.71, "probe_seconds": 4.2}
+    {"probe_face_width_mae": 0.031, "probe_face_width_r2": 0.71, "rankme_cls": 41.3, "rankme_mean": 38.0,
+     "rankme_patch": 52.9, "probe_seconds": 4.2}
+
+The RankMe values (rankme.py) are the effective ranks of the CLS, mean-pooled and patch-token
+embeddings of the held `test` images; one below `rankme.LOW_RANK_FRACTION` of the width is also a
+log warning, since a collapsing representation can keep its loss falling and its `target_std` up.
 
 The default reads the embedded synthetic faces, whose drawing attributes are the labels, so it
 runs on a fresh machine. For real faces:
@@ -23,7 +28,9 @@ from typing import Iterator
 
 import ml_collections
 import numpy as np
+from absl import logging
 
+from mefem_jax.evaluation import rankme
 from mefem_jax.evaluation.data import DataSpec, folder_csv_path, open_eval_data, parse_data_spec
 from mefem_jax.models.vit import ViT
 
@@ -37,19 +44,20 @@ def default_eval_config() -> ml_collections.ConfigDict:
     """The `eval` block of a training config; every field can be set as --config.eval.NAME."""
     c = ml_collections.ConfigDict()
     c.every_steps = 0                       # probe every this many steps; 0 = never
-    c.train = "synthetic:split=train"       # data spec the probes are fitted on (eval_data.py)
+    c.train = "synthetic:split=train"       # data spec the probes are fitted on (evaluation/data.py)
     c.test = "synthetic:split=test"         # data spec they are scored on
     c.targets = "face_width:regression,skin_tone:regression"  # see targets.py
     c.max_images = 512                      # per split; read once, kept in host memory as uint8
     c.batch_size = 64                       # images per forward pass
-    c.features = "cls"                      # comma list of cls, mean, pixels
+    c.features = "cls"                      # comma list of cls, mean, grid, pixels
+    c.grid_size = 2                         # the grid readout pools patch tokens to grid_size^2 cells
     c.probe_threads = 1                     # BLAS threads for the fits (probes.blas_threads)
     return c
 
 
 @dataclass
 class _HeldImages:
-    """An eval split held in host memory; quacks like `eval_data.EvalData` for compute_embeddings.
+    """An eval split held in host memory; quacks like `data.EvalData` for compute_embeddings.
 
     Images are kept as uint8 and normalised per batch: 4x less memory than float32, and exact,
     since the pipeline makes each float image from uint8 pixels (see `_to_uint8`).
@@ -124,8 +132,9 @@ def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigD
     targets = parse_targets(eval_cfg.targets)
     features = [f.strip() for f in eval_cfg.features.split(",") if f.strip()]
     size = encoder.image_size
-    train = compute_embeddings(encoder, params, _held_images(eval_cfg.train, size, eval_cfg, "train"))
-    test = compute_embeddings(encoder, params, _held_images(eval_cfg.test, size, eval_cfg, "test"))
+    g = int(eval_cfg.get("grid_size", 2))
+    train = compute_embeddings(encoder, params, _held_images(eval_cfg.train, size, eval_cfg, "train"), grid_size=g)
+    test = compute_embeddings(encoder, params, _held_images(eval_cfg.test, size, eval_cfg, "test"), grid_size=g)
     check_columns(targets, list(train.labels), "eval train")
     check_columns(targets, list(test.labels), "eval test")
 
@@ -138,5 +147,9 @@ def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigD
                 suffix = "" if feature == "cls" else f"_{feature}"
                 for metric, short in _HEADLINE[target.kind].items():
                     out[f"probe_{name}_{short}{suffix}"] = float(row["metrics"][metric])
+    ranks = rankme.health(test.features, test.tokens)
+    for line in rankme.low_rank_warnings(ranks, encoder.width):
+        logging.warning("representation health: %s", line)
+    out.update(ranks)
     out["probe_seconds"] = time.perf_counter() - t0
     return out

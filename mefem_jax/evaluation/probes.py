@@ -10,6 +10,10 @@ as plain as possible and every choice is made on the train split alone:
   refitted inside every fold) and the probe is refitted on all of train with it;
 * the test split is touched once, to compute the metrics.
 
+Regression predictions are clipped to the range of the training labels: a linear probe extrapolates
+without bound, and a handful of faces whose features sit tens of standard deviations out (seen on
+CLS readouts) would otherwise get ages like -560 and dominate MAE and R^2.
+
 Metrics: MAE, RMSE, R^2 and Pearson r for regression; accuracy and ROC-AUC (macro one-vs-rest
 for more than two classes) for classification, next to the majority-class accuracy so a reader
 sees chance level beside the number.
@@ -126,7 +130,7 @@ def fit_regression_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.nd
     y_train = np.asarray(y_train, np.float64)
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=alphas))
     model.fit(x_train, y_train)
-    pred = model.predict(x_test)
+    pred = np.clip(model.predict(x_test), y_train.min(), y_train.max())  # see the module docstring
     alpha = float(model[-1].alpha_)
     return ProbeResult(metrics=regression_metrics(y_test, pred), penalty={"alpha": alpha},
                        y_true=np.asarray(y_test, np.float64), y_pred=pred)
@@ -187,7 +191,9 @@ def fit_classification_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: n
     best_c = cs[int(np.argmin(_fold_log_losses(x_train, train_idx, len(classes), cs, folds).mean(0)))]
 
     scaler = StandardScaler().fit(x_train)
-    model = _logistic(best_c).fit(scaler.transform(x_train), train_idx)
+    with warnings.catch_warnings():  # as in the folds: the held-out loss chose this C, converged or not
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = _logistic(best_c).fit(scaler.transform(x_train), train_idx)
     scores = model.predict_proba(scaler.transform(x_test))  # columns 0..C-1: train has every class
     return ProbeResult(metrics=classification_metrics(test_idx, scores, counts),
                        penalty={"C": float(best_c)}, y_true=test_idx,

@@ -39,6 +39,14 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
+def _with_interval(row: dict, key: str, spec: str) -> str:
+    text = _fmt(_cell(row, key), spec)
+    interval = row.get("intervals", {}).get(key)
+    if interval and all(v is not None and math.isfinite(v) for v in interval):
+        text += f" [{format(interval[0], spec)}, {format(interval[1], spec)}]"
+    return text
+
+
 def _cell(row: dict, key: str):
     if key == "events":
         m = row["metrics"]
@@ -52,11 +60,19 @@ def markdown_report(report: dict) -> str:
              f"- encoder: width {model['width']}, depth {model['depth']}, heads {model['heads']}, "
              f"patch {model['config']['patch_size']}, {model['config']['image_size']} px",
              f"- features: `cls` = final-normed CLS token, `mean` = mean of final-normed patch tokens, "
-             f"`pixels` = the image downsampled to {report['pixel_size']}x{report['pixel_size']}x3 (baseline)"]
+             f"`grid` = patch tokens pooled to {report.get('grid_size', 2)}x{report.get('grid_size', 2)} cells, "
+             f"`pixels` = the image downsampled to {report['pixel_size']}x{report['pixel_size']}x3 (baseline)",
+             "- metrics on test with a bootstrap 95 % interval over the test rows in brackets"]
     for split, info in report["data"].items():
         skipped = sum(info["skipped"].values())
         lines.append(f"- {split}: `{info['spec']}`, {info['n']} images" + (f", {skipped} skipped" if skipped else ""))
     lines += [f"- warning: {w}" for w in report.get("warnings", [])]
+
+    health = report.get("health") or {}
+    if health:
+        lines += ["", "## Representation health (effective rank, RankMe, of the test embeddings)", "",
+                  "| " + " | ".join(health) + " |", "|" + "|".join(["---:"] * len(health)) + "|",
+                  "| " + " | ".join(f"{v:.1f}" for v in health.values()) + " |"]
 
     rows = report.get("probes", [])
     for heading, kind, columns in _TABLES:
@@ -67,7 +83,7 @@ def markdown_report(report: dict) -> str:
         lines += ["", f"## {heading}", "", "| " + " | ".join(titles) + " |",
                   "|" + "|".join(["---"] * 2 + ["---:"] * (len(titles) - 2)) + "|"]
         for r in selected:
-            cells = [r["target"], r["features"]] + [_fmt(_cell(r, key), spec) for _, key, spec in columns]
+            cells = [r["target"], r["features"]] + [_with_interval(r, key, spec) for _, key, spec in columns]
             cells.append(f"{r['n_train']}/{r['n_test']}")
             lines.append("| " + " | ".join(cells) + " |")
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from mefem_jax.evaluation import bootstrap
 from mefem_jax.evaluation.probes import ProbeError, fit_classification_probe, fit_regression_probe
 from mefem_jax.evaluation.survival import SurvivalError, fit_survival_probe
 
@@ -101,9 +102,11 @@ def class_labels(values: np.ndarray) -> np.ndarray:
     return np.char.strip(values.astype(str))
 
 
-def probe_target(target: Target, train, test, feature: str, seed: int = 0) -> tuple[dict, Any]:
+def probe_target(target: Target, train, test, feature: str, seed: int = 0,
+                 intervals: bool = False) -> tuple[dict, Any]:
     """Fit and score one probe. `train` / `test` are `embeddings.Embeddings`. Returns the report
-    row (JSON-ready) and the raw result (for plots)."""
+    row (JSON-ready) and the raw result (for plots). `intervals`: add bootstrap 95 % intervals of
+    the headline metrics over the test rows (bootstrap.py) as row["intervals"]."""
     keep_train = ~np.any([_missing(train.labels[c]) for c in target.columns], axis=0)
     keep_test = ~np.any([_missing(test.labels[c]) for c in target.columns], axis=0)
     row: dict[str, Any] = {"target": target.name, "kind": target.kind, "features": feature,
@@ -121,12 +124,16 @@ def probe_target(target: Target, train, test, feature: str, seed: int = 0) -> tu
             result = fit_classification_probe(x_train, class_labels(y_train[0]), x_test,
                                               class_labels(y_test[0]), seed=seed)
             row.update(penalty=result.penalty, metrics=result.metrics, classes=result.classes)
+            if intervals:
+                row["intervals"] = bootstrap.classification_intervals(result.y_true, result.scores, seed=seed)
             return row, result
         y_train = [numeric(y, c, "train") for y, c in zip(y_train, target.columns)]
         y_test = [numeric(y, c, "test") for y, c in zip(y_test, target.columns)]
         if target.kind == "regression":
             result = fit_regression_probe(x_train, y_train[0], x_test, y_test[0])
             row.update(penalty=result.penalty, metrics=result.metrics)
+            if intervals:
+                row["intervals"] = bootstrap.regression_intervals(result.y_true, result.y_pred, seed=seed)
         else:
             result = fit_survival_probe(x_train, *y_train, x_test, *y_test, seed=seed)
             metrics = result.as_dict()

@@ -1,0 +1,64 @@
+"""Percentile-bootstrap intervals for probe metrics on the test split.
+
+A probe figure without an uncertainty cannot tell learning from noise: on UTKFace's 4,728 test faces
+the 95 % interval of an age MAE is about +-0.3 years and of a gender accuracy about +-1.2 points,
+the size of the differences between encoders we care about. We resample the test rows with
+replacement (`n_boot` times, fixed seed), recompute each metric from the probe's fixed predictions,
+and report the (2.5, 97.5) percentiles. The probe itself is not refitted: the interval covers the
+test-set sampling noise, not the randomness of pretraining (that is what several training seeds
+are for).
+"""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+N_BOOT = 1000
+LEVEL = 0.95
+
+
+def _resamples(n: int, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _percentiles(values: np.ndarray, level: float) -> list[float]:
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return [float("nan"), float("nan")]
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(values, [tail, 100.0 - tail])
+    return [float(lo), float(hi)]
+
+
+def regression_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int = N_BOOT, seed: int = 0,
+                         level: float = LEVEL) -> dict[str, list[float]]:
+    y_true = np.asarray(y_true, np.float64)
+    y_pred = np.asarray(y_pred, np.float64)
+    idx = _resamples(len(y_true), n_boot, seed)
+    t, p = y_true[idx], y_pred[idx]
+    err = p - t
+    ss_tot = np.sum((t - t.mean(1, keepdims=True)) ** 2, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = 1.0 - np.sum(err ** 2, axis=1) / ss_tot
+    return {"mae": _percentiles(np.abs(err).mean(1), level),
+            "rmse": _percentiles(np.sqrt(np.mean(err ** 2, axis=1)), level),
+            "r2": _percentiles(r2, level)}
+
+
+def _auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan")
+    if scores.shape[1] == 2:
+        return float(roc_auc_score(y_true, scores[:, 1]))
+    return float(np.mean([roc_auc_score(y_true == c, scores[:, c]) for c in present]))
+
+
+def classification_intervals(y_true: np.ndarray, scores: np.ndarray, n_boot: int = N_BOOT, seed: int = 0,
+                             level: float = LEVEL) -> dict[str, list[float]]:
+    """Intervals of accuracy and ROC-AUC (macro one-vs-rest over the classes present, as probes.py)."""
+    y_true = np.asarray(y_true)
+    idx = _resamples(len(y_true), n_boot, seed)
+    correct = (np.argmax(scores, axis=1) == y_true).astype(np.float64)
+    aucs = np.array([_auc(y_true[i], scores[i]) for i in idx])
+    return {"accuracy": _percentiles(correct[idx].mean(1), level), "roc_auc": _percentiles(aucs, level)}
