@@ -107,6 +107,9 @@ def train(config, workdir: str | Path) -> dict:
 
     writer = MetricWriter(workdir, enabled=is_lead)
     writer.truncate_after(start)  # a resumed run rewrites what was logged after its checkpoint
+    if start == 0 and config.eval.every_steps:
+        # Probe the encoder before its first update, so every learning curve starts at its own random init.
+        writer.write(0, _probe(pieces, state, config))
     total = int(config.total_steps)
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not is_lead)
     last: dict = {}

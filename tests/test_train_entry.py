@@ -43,3 +43,43 @@ def test_train_20_steps_on_utkface_shards(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tb").iterdir())
     assert (workdir / "checkpoints" / "20").is_dir()
     assert "step/s" in run.stderr  # the progress bar, with its rate and ETA
+
+
+def test_cpu_recipe_trains_and_probes_through_the_entry_point(tmp_path):
+    """`configs/vits.py:cpu` (the small-scale recipe of docs/RESULTS.md) on UTKFace shards: 14x14 patch grid,
+    lr scaled from the reference batch, probes with RankMe at step 0 (the run's own random init) and after."""
+    from configs import vits
+
+    c = vits.get_config("cpu")
+    assert (c.model.image_size // c.model.patch_size) == 14
+    assert c.optim.ref_batch == 2048 and c.data.batch_size == 64  # lr is scaled, not quoted at the batch
+
+    rows = utkface_rows(48)
+    labels = write_labels(str(tmp_path / "labels.csv"), rows)
+    shards = tmp_path / "shards"
+    build = subprocess.run([sys.executable, "-m", "mefem_jax.data.build_shards",
+                            f"--images={os.path.join(UTKFACE, 'images')}", f"--labels={labels}",
+                            f"--out={shards}", "--num_shards=1", "--image_size=128", "--workers=1"],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    spec = f"{labels}:images={os.path.join(UTKFACE, 'images')}"
+    workdir = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "mefem_jax.train", "--config=configs/vits.py:cpu",
+                          f"--workdir={workdir}", f"--config.data.train={shards}", "--config.total_steps=4",
+                          "--config.log_every=2", "--config.eval.every_steps=2", "--config.eval.max_images=24",
+                          "--config.eval.batch_size=8", f"--config.eval.train={spec}", f"--config.eval.test={spec}",
+                          "--config.eval.targets=age:regression", "--config.loss.sigreg.weight=0.05",
+                          "--config.model.width=32", "--config.model.depth=1", "--config.model.heads=2",
+                          "--config.predictor.width=16", "--config.predictor.depth=1", "--config.predictor.heads=2",
+                          "--config.data.batch_size=8"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    probed = [r for r in metrics if "probe_age_mae" in r]
+    assert [r["step"] for r in probed] == [0, 2, 4]
+    for r in probed:
+        assert {"probe_age_mae_mean", "probe_age_mae_grid", "rankme_cls", "rankme_mean", "rankme_patch"} <= set(r)
+        assert 1.0 <= r["rankme_patch"] <= 32
+    trained = [r for r in metrics if "loss" in r]
+    assert all(r["sigreg"] > 0 and r["loss"] > r["loss_jepa"] for r in trained)
+    assert json.loads((workdir / "config.json").read_text())["model"]["patch_size"] == 8
