@@ -77,7 +77,7 @@ def apply_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     * **Schedules for an 800-step run.** Warm-up 10 % of the run. The EMA momentum runs 0.99 -> 0.999,
       so the target averages the last ~100 -> ~1000 steps, a fraction of the run; I-JEPA's 0.996 -> 1.0
       would leave the target (what is probed) mostly the random init after 800 steps.
-    * **Probes.** Every 100 steps on `eval.*` (set them to a validation split: see
+    * **Probes.** Every 100 steps (the learning-curve script uses 200) on `eval.*` (set them to a validation split: see
       scripts/learning_curves.sh); CLS, mean-pooled and 2x2-grid readouts, with the representation's
       effective rank (RankMe) beside them.
 
@@ -89,7 +89,7 @@ def apply_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.update(image_size=112, patch_size=8, width=128, depth=4, heads=4, dtype="float32")
     c.predictor.update(width=64, depth=2, heads=4)
     c.data.batch_size = 64
-    c.optim.update(ref_batch=2048, lr=4e-3, start_lr=8e-4, final_lr=1e-5, warmup_steps=80, ema=(0.99, 0.999))
+    c.optim.update(ref_batch=2048, lr=4e-3, start_lr=0.0, final_lr=1e-5, warmup_steps=80, ema=(0.99, 0.999))
     c.checkpoint.update(every_steps=200, max_to_keep=5)
     c.eval.update(every_steps=100, features="cls,mean,grid")
     return c

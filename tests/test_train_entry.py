@@ -11,16 +11,21 @@ TINY = ["--config.model.width=64", "--config.model.depth=2", "--config.model.hea
         "--config.data.batch_size=8", "--config.optim.ref_batch=8"]
 
 
-def test_train_20_steps_on_utkface_shards(tmp_path):
-    rows = utkface_rows(96)
-    labels = write_labels(str(tmp_path / "labels.csv"), rows)
+def build_utk_shards(tmp_path, n: int, num_shards: int):
+    """n UTKFace faces through the real shard builder; returns (labels CSV, shard folder)."""
+    labels = write_labels(str(tmp_path / "labels.csv"), utkface_rows(n))
     shards = tmp_path / "shards"
     build = subprocess.run([sys.executable, "-m", "mefem_jax.data.build_shards",
                             f"--images={os.path.join(UTKFACE, 'images')}", f"--labels={labels}",
-                            f"--out={shards}", "--num_shards=2", "--image_size=128", "--workers=1"],
+                            f"--out={shards}", f"--num_shards={num_shards}", "--image_size=128", "--workers=1"],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
-    assert json.loads((shards / "manifest.json").read_text())["num_records"] == 96
+    assert json.loads((shards / "manifest.json").read_text())["num_records"] == n
+    return labels, shards
+
+
+def test_train_20_steps_on_utkface_shards(tmp_path):
+    _, shards = build_utk_shards(tmp_path, 96, num_shards=2)
 
     workdir = tmp_path / "run"
     run = subprocess.run([sys.executable, "-m", "mefem_jax.train", "--config=configs/vits.py:smoke",
@@ -54,14 +59,7 @@ def test_cpu_recipe_trains_and_probes_through_the_entry_point(tmp_path):
     assert (c.model.image_size // c.model.patch_size) == 14
     assert c.optim.ref_batch == 2048 and c.data.batch_size == 64  # lr is scaled, not quoted at the batch
 
-    rows = utkface_rows(48)
-    labels = write_labels(str(tmp_path / "labels.csv"), rows)
-    shards = tmp_path / "shards"
-    build = subprocess.run([sys.executable, "-m", "mefem_jax.data.build_shards",
-                            f"--images={os.path.join(UTKFACE, 'images')}", f"--labels={labels}",
-                            f"--out={shards}", "--num_shards=1", "--image_size=128", "--workers=1"],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-3000:]
+    labels, shards = build_utk_shards(tmp_path, 48, num_shards=1)
     spec = f"{labels}:images={os.path.join(UTKFACE, 'images')}"
     workdir = tmp_path / "run"
     run = subprocess.run([sys.executable, "-m", "mefem_jax.train", "--config=configs/vits.py:cpu",

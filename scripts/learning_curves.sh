@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Does pretraining learn? Pretrain the `:cpu` recipe on the UTKFace train split in several settings,
+# probe a validation split carved from train every EVAL_EVERY steps (age, gender, race on CLS, mean-pool
+# and 2x2-grid readouts, plus RankMe), then score each final encoder, and the same ViT at random init,
+# once on the test split. Tables and curves: scripts/summarize_curves.py (docs/RESULTS.md).
+#
+#   bash scripts/learning_curves.sh [OUT]                  # OUT defaults to runs/curves
+#   RUNS="mefem:0 mefem:1" STEPS=800 bash scripts/learning_curves.sh
+#   PHASE=train RUNS=mefem:2 bash scripts/learning_curves.sh   # pretrain + validation curves only
+#   PHASE=test bash scripts/learning_curves.sh                 # then the test split, once, for all
+#
+# Each RUNS entry is SETTING:SEED. Settings:
+#   mefem        MeFEm-full: axial stripes + circular loss weights + CLS reassignment (p 0.5), + SIGReg
+#   mefem_noreg  the same without SIGReg: the published recipe as it is
+#   stripes      axial stripes only (uniform weights, CLS always context), + SIGReg
+#   multiblock   I-JEPA multiblock masking (uniform weights, CLS always context), + SIGReg
+# SIGREG sets the weight of the optional anti-collapse term (losses.sigreg) for the settings that use it.
+# A run that finished is skipped; an interrupted one resumes from its last checkpoint. About 25 min a
+# run on a 2-core CPU (800 steps of batch 64, probes at 0, 200, ..., 800), 3-4 min per test evaluation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${1:-runs/curves}
+RUNS=${RUNS:-"mefem:0 mefem:1 mefem_noreg:0 stripes:0 multiblock:0"}
+RANDOM_SEEDS=${RANDOM_SEEDS:-"0 1"}
+PHASE=${PHASE:-all}  # train | test | all
+STEPS=${STEPS:-800}
+EVAL_EVERY=${EVAL_EVERY:-200}
+SIGREG=${SIGREG:-0.05}
+FACES=${FACES:-../shared/data/utkface}
+LABELS="$OUT/labels.csv"
+IMAGES="$FACES/images"
+TARGETS=age:regression,gender:classification,race:classification
+# Probes are fitted on 2,000 train faces (a fixed sample) and scored on the validation split during
+# training; at the end they are fitted on 5,000 train faces (a fixed sample, so a model costs ~3 min
+# on 2 cores) and scored on all 4,728 test faces.
+VAL_TRAIN="$LABELS:images=$IMAGES,split=train,sample=2000"
+VAL="$LABELS:images=$IMAGES,split=val"
+TEST_TRAIN="$LABELS:images=$IMAGES,split=train,sample=5000"
+TEST="$LABELS:images=$IMAGES,split=test"
+mkdir -p "$OUT"
+
+python scripts/carve_val.py --labels="$FACES/labels.csv" --out="$LABELS" --percent=10
+if [[ ! -f "$OUT/shards_train/manifest.json" ]]; then
+  python -m mefem_jax.data.build_shards --images="$IMAGES" --labels="$LABELS" --split=train \
+    --out="$OUT/shards_train" --image_size=128 --num_shards=8 --workers=2
+fi
+
+setting_flags() {  # the flags that make a setting, on top of configs/vits.py:cpu
+  case $1 in
+    mefem) echo "--config.loss.sigreg.weight=$SIGREG" ;;
+    mefem_noreg) echo "--config.loss.sigreg.weight=0" ;;
+    stripes) echo "--config.loss.sigreg.weight=$SIGREG --config.loss.circular.enabled=False --config.loss.cls.p_target=0" ;;
+    multiblock) echo "--config.loss.sigreg.weight=$SIGREG --config.mask.strategy=multiblock --config.loss.circular.enabled=False --config.loss.cls.p_target=0" ;;
+    *) echo "unknown setting $1" >&2; return 1 ;;
+  esac
+}
+
+evaluate() {  # model spec, output folder, train spec, test spec, features
+  [[ -f "$2/report.json" ]] && return 0
+  python -m mefem_jax.evaluate --model="$1" --out="$2" --train="$3" --test="$4" --targets="$TARGETS" \
+    --features="$5" --grid_size=2
+}
+
+for run in $RUNS; do
+  setting=${run%%:*} seed=${run##*:}
+  workdir="$OUT/${setting}_s${seed}"
+  if [[ $PHASE != test ]]; then
+    # shellcheck disable=SC2046  # setting_flags prints several flags on purpose
+    python -m mefem_jax.train --config=configs/vits.py:cpu --workdir="$workdir" --config.seed="$seed" \
+      --config.total_steps="$STEPS" --config.eval.every_steps="$EVAL_EVERY" \
+      --config.data.train="$OUT/shards_train" --config.data.workers=1 \
+      --config.eval.train="$VAL_TRAIN" --config.eval.test="$VAL" --config.eval.max_images=2000 \
+      --config.eval.targets="$TARGETS" $(setting_flags "$setting")
+  fi
+  if [[ $PHASE != train ]]; then
+    evaluate "$workdir" "$OUT/test_${setting}_s${seed}" "$TEST_TRAIN" "$TEST" cls,mean,grid
+  fi
+done
+
+if [[ $PHASE != train ]]; then
+  for seed in $RANDOM_SEEDS; do  # the same ViT at random init; the raw-pixel baseline rides along
+    evaluate "random:vits@112:patch=8,width=128,depth=4,heads=4,seed=$seed" "$OUT/test_random_s${seed}" \
+      "$TEST_TRAIN" "$TEST" cls,mean,grid,pixels
+  done
+fi
+
+python scripts/summarize_curves.py "$OUT" docs/

@@ -1,0 +1,153 @@
+"""Learning curves and the test table of a `scripts/learning_curves.sh` run.
+
+    python scripts/summarize_curves.py runs/curves docs/
+
+Reads every run folder `ROOT/<setting>_s<seed>/metrics.jsonl` (validation probes and RankMe logged by
+the train loop every `eval.every_steps`, step 0 being the run's own random init) and the test-split
+reports `ROOT/test_<run>/report.json` written by `python -m mefem_jax.evaluate`, then writes
+
+    OUT/learning_curves.png        validation probe metrics and RankMe against training step
+    OUT/learning_curves_table.md   the test split, once per run, with bootstrap intervals, and the
+                                   per-setting mean and seed spread
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+RUN = re.compile(r"^(?P<setting>[a-z_]+)_s(?P<seed>\d+)$")
+LABELS = {
+    "mefem": "MeFEm-full (stripes + circular + CLS p=0.5)",
+    "mefem_noreg": "MeFEm-full, no SIGReg",
+    "stripes": "stripes only",
+    "multiblock": "multiblock (I-JEPA)",
+    "random": "random init (same ViT)",
+}
+# (metric key in metrics.jsonl, panel title, lower is better)
+PANELS = [("probe_age_mae", "age MAE (y), CLS", True), ("probe_gender_acc", "gender accuracy, CLS", False),
+          ("probe_race_acc", "race accuracy, CLS", False), ("probe_age_mae_mean", "age MAE (y), mean-pool", True),
+          ("rankme_cls", "RankMe, CLS", False), ("rankme_patch", "RankMe, patch tokens", False)]
+# (target, metric, column title, format)
+TEST_COLUMNS = [("age", "mae", "age MAE (y)", ".2f"), ("age", "r2", "age R²", ".3f"),
+                ("gender", "accuracy", "gender acc", ".3f"), ("race", "accuracy", "race acc", ".3f")]
+
+
+def runs(root: Path) -> dict[str, dict[int, Path]]:
+    found: dict[str, dict[int, Path]] = defaultdict(dict)
+    for path in sorted(root.iterdir()):
+        m = RUN.match(path.name)
+        if m and (path / "metrics.jsonl").is_file():
+            found[m["setting"]][int(m["seed"])] = path
+    return found
+
+
+def probe_rows(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "probe_age_mae" in r]
+
+
+def plot(found: dict, out_png: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 7.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(2, 3, i + 1) for i in range(len(PANELS))]
+    for colour, (setting, seeds) in enumerate(sorted(found.items())):
+        for k, (seed, path) in enumerate(sorted(seeds.items())):
+            rows = probe_rows(path)
+            for ax, (key, _, _) in zip(axes, PANELS):
+                pts = [(r["step"], r[key]) for r in rows if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, color=f"C{colour}", ls=("-", "--", ":")[k % 3],
+                            label=f"{LABELS.get(setting, setting)}, seed {seed}")
+    for ax, (_, title, lower) in zip(axes, PANELS):
+        ax.set_title(title + (" (lower is better)" if lower else ""), fontsize=10)
+        ax.set_xlabel("training step (step 0 = the run's own random init)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("UTKFace validation probes during pretraining (ViT width 128, depth 4, 112 px, patch 8)")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+
+
+def _test_metrics(report_path: Path, feature: str) -> dict | None:
+    if not report_path.is_file():
+        return None
+    report = json.loads(report_path.read_text())
+    by = {(p["target"], p["features"]): p for p in report["probes"]}
+    out = {}
+    for target, metric, _, _ in TEST_COLUMNS:
+        row = by.get((target, feature))
+        if row is None:
+            return None
+        out[(target, metric)] = (row["metrics"][metric], row.get("intervals", {}).get(metric))
+    out["health"] = report.get("health", {})
+    return out
+
+
+def table(root: Path, found: dict, features=("cls", "mean", "grid")) -> str:
+    names = {s: sorted(seeds) for s, seeds in found.items()}
+    names.update({"random": sorted(int(p.name.rsplit("_s", 1)[1]) for p in root.glob("test_random_s*"))})
+    head = ["setting", "seed", "readout"] + [c[2] for c in TEST_COLUMNS] + ["RankMe cls / mean / patch"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|---|" + "---:|" * (len(head) - 3)]
+    summary = ["| setting | readout | " + " | ".join(f"{c[2]} (mean ± half-range over seeds)" for c in TEST_COLUMNS)
+               + " |", "|---|---|" + "---:|" * len(TEST_COLUMNS)]
+    for setting in [s for s in LABELS if s in names] + sorted(set(names) - set(LABELS)):
+        for feature in features:
+            per_seed = []
+            for seed in names[setting]:
+                m = _test_metrics(root / f"test_{setting}_s{seed}" / "report.json", feature)
+                if m is None:
+                    continue
+                per_seed.append(m)
+                cells = []
+                for target, metric, _, spec in TEST_COLUMNS:
+                    value, ci = m[(target, metric)]
+                    cells.append(f"{value:{spec}}" + (f" [{ci[0]:{spec}}, {ci[1]:{spec}}]" if ci else ""))
+                h = m["health"]
+                ranks = " / ".join(f"{h[k]:.1f}" for k in ("rankme_cls", "rankme_mean", "rankme_patch") if k in h)
+                lines.append(f"| {LABELS.get(setting, setting)} | {seed} | {feature} | " + " | ".join(cells)
+                             + f" | {ranks} |")
+            if len(per_seed) > 1:
+                cells = []
+                for target, metric, _, spec in TEST_COLUMNS:
+                    v = np.array([m[(target, metric)][0] for m in per_seed])
+                    cells.append(f"{v.mean():{spec}} ± {(v.max() - v.min()) / 2:{spec}}")
+                summary.append(f"| {LABELS.get(setting, setting)} | {feature} | " + " | ".join(cells) + " |")
+    pixels = _test_metrics(root / f"test_random_s{names['random'][0]}" / "report.json", "pixels") \
+        if names["random"] else None
+    if pixels:
+        cells = [f"{pixels[(t, m)][0]:{spec}}" for t, m, _, spec in TEST_COLUMNS]
+        lines.append("| raw pixels 16x16x3 (baseline) | - | pixels | " + " | ".join(cells) + " | |")
+    return "\n".join(["## Test split, one row per run", "", *lines, "", "## Per setting: mean over seeds",
+                      "", *summary]) + "\n"
+
+
+def main(argv) -> int:
+    if len(argv) != 3:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    root, out = Path(argv[1]), Path(argv[2])
+    if not root.is_dir():
+        print(f"summarize_curves: no run folder {root}", file=sys.stderr)
+        return 2
+    found = runs(root)
+    if not found:
+        print(f"summarize_curves: no <setting>_s<seed>/metrics.jsonl under {root}", file=sys.stderr)
+        return 2
+    plot(found, out / "learning_curves.png")
+    text = table(root, found)
+    (out / "learning_curves_table.md").write_text(text)
+    print(text)
+    print(f"wrote {out / 'learning_curves.png'} and {out / 'learning_curves_table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
