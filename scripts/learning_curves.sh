@@ -15,8 +15,8 @@
 #   stripes      axial stripes only (uniform weights, CLS always context), + SIGReg
 #   multiblock   I-JEPA multiblock masking (uniform weights, CLS always context), + SIGReg
 # SIGREG sets the weight of the optional anti-collapse term (losses.sigreg) for the settings that use it.
-# A run that finished is skipped; an interrupted one resumes from its last checkpoint. About 25 min a
-# run on a 2-core CPU (800 steps of batch 64, probes at 0, 200, ..., 800), 3-4 min per test evaluation.
+# A run that finished is skipped; an interrupted one resumes from its last checkpoint. About 20 min a
+# run on a 2-core CPU (600 steps of batch 64, probes at 0, 200, 400, 600), 3-4 min per test evaluation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,7 @@ OUT=${1:-runs/curves}
 RUNS=${RUNS:-"mefem:0 mefem:1 mefem_noreg:0 stripes:0 multiblock:0"}
 RANDOM_SEEDS=${RANDOM_SEEDS:-"0 1"}
 PHASE=${PHASE:-all}  # train | test | all
-STEPS=${STEPS:-800}
+STEPS=${STEPS:-600}
 EVAL_EVERY=${EVAL_EVERY:-200}
 SIGREG=${SIGREG:-0.05}
 FACES=${FACES:-../shared/data/utkface}
