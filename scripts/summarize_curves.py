@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-RUN = re.compile(r"^(?P<setting>[a-z_]+)_s(?P<seed>\d+)$")
+RUN = re.compile(r"^(?P<setting>[a-z][a-z0-9_]*)_s(?P<seed>\d+)$")
 LABELS = {
     "mefem": "MeFEm-full (stripes + circular + CLS p=0.5)",
-    "mefem_noreg": "MeFEm-full, no SIGReg",
     "stripes": "stripes only",
     "multiblock": "multiblock (I-JEPA)",
+    "mefem_lr4x": "MeFEm-full, 4x lr",
+    "mefem_sigreg": "MeFEm-full + SIGReg 0.05, 4x lr",
     "random": "random init (same ViT)",
 }
 # (metric key in metrics.jsonl, panel title, lower is better)
