@@ -111,7 +111,7 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
         emb_train = _embed(loaded, train, "train", batch_size, cache_dir, pixel_size, grid_size, report, parsed)
         emb_test = _embed(loaded, test, "test", batch_size, cache_dir, pixel_size, grid_size, report, parsed)
         report["health"] = rankme.health(emb_test.features, emb_test.tokens)
-        report["warnings"] += rankme.low_rank_warnings(report["health"], width)
+        report["warnings"] += rankme.low_rank_warnings(report["health"])
         check_columns(parsed, list(emb_train.labels), "train")
         check_columns(parsed, list(emb_test.labels), "test")
         shared = np.intersect1d(emb_train.ids, emb_test.ids)

@@ -46,10 +46,14 @@ def test_token_stats_sum_over_batches_to_the_rank_of_all_tokens():
     assert total.rankme() == pytest.approx(rankme.rankme(x), rel=1e-6)
 
 
-def test_low_rank_warning_threshold():
-    lines = rankme.low_rank_warnings({"rankme_cls": 3.0, "rankme_mean": 40.0}, width=128)
-    assert len(lines) == 1 and lines[0].startswith("rankme_cls = 3.0")
-    assert rankme.low_rank_warnings({"rankme_cls": 7.0}, width=128) == []  # 5 % of 128 = 6.4
+def test_collapse_warnings_relative_to_the_first_probe_and_absolute_without_history():
+    watch = rankme.CollapseWatch()
+    assert watch.check({"rankme_cls": 9.0, "rankme_patch": 30.0}) == []  # the reference itself
+    assert watch.check({"rankme_cls": 5.0, "rankme_patch": 28.0}) == []  # 5 > 4.5: not halved
+    lines = watch.check({"rankme_cls": 4.0, "rankme_patch": 31.0})
+    assert len(lines) == 1 and lines[0].startswith("rankme_cls = 4.0 fell below 50% of its first value 9.0")
+    assert rankme.low_rank_warnings({"rankme_cls": 1.5, "rankme_mean": 8.0}) == [
+        "rankme_cls = 1.50 is below 2.0: the embeddings lie nearly on a line (collapsed)"]
 
 
 def test_pooling_matrix_bins():

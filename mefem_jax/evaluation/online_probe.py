@@ -10,8 +10,9 @@ scored on test. It returns flat scalars for the metric writer, e.g.
      "rankme_patch": 52.9, "probe_seconds": 4.2}
 
 The RankMe values (rankme.py) are the effective ranks of the CLS, mean-pooled and patch-token
-embeddings of the held `test` images; one below `rankme.LOW_RANK_FRACTION` of the width is also a
-log warning, since a collapsing representation can keep its loss falling and its `target_std` up.
+embeddings of the held `test` images; one that falls below half of its value at this process's first
+probe is also a log warning, since a collapsing representation can keep its loss falling and its
+`target_std` up.
 
 The default reads the embedded synthetic faces, whose drawing attributes are the labels, so it
 runs on a fresh machine. For real faces:
@@ -100,6 +101,8 @@ def _capped(spec: str, max_images: int) -> DataSpec:
 
 # (spec, image size, max images, split) -> held images; filled on first use.
 _HELD: dict[tuple, _HeldImages] = {}
+# (eval test spec, encoder) -> the RankMe reference of this process's first probe.
+_WATCH: dict[tuple, rankme.CollapseWatch] = {}
 
 
 def _held_images(spec: str, image_size: int, eval_cfg, split: str) -> _HeldImages:
@@ -148,7 +151,7 @@ def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigD
                 for metric, short in _HEADLINE[target.kind].items():
                     out[f"probe_{name}_{short}{suffix}"] = float(row["metrics"][metric])
     ranks = rankme.health(test.features, test.tokens)
-    for line in rankme.low_rank_warnings(ranks, encoder.width):
+    for line in _WATCH.setdefault((eval_cfg.test, encoder), rankme.CollapseWatch()).check(ranks):
         logging.warning("representation health: %s", line)
     out.update(ranks)
     out["probe_seconds"] = time.perf_counter() - t0
