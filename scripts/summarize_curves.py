@@ -56,7 +56,7 @@ def plot(found: dict, out_png: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 7.5), layout="constrained")
+    fig = Figure(figsize=(13, 8.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(2, 3, i + 1) for i in range(len(PANELS))]
     for colour, (setting, seeds) in enumerate(sorted(found.items())):
@@ -71,10 +71,27 @@ def plot(found: dict, out_png: Path) -> None:
         ax.set_title(title + (" (lower is better)" if lower else ""), fontsize=10)
         ax.set_xlabel("training step (step 0 = the run's own random init)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
     fig.suptitle("UTKFace validation probes during pretraining (ViT width 128, depth 4, 112 px, patch 8)")
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)
+
+
+def val_table(found: dict) -> str:
+    """Validation probes at the run's first probe (step 0 = its random init where logged) and its last."""
+    keys = [("probe_age_mae", ".2f"), ("probe_gender_acc", ".3f"), ("probe_race_acc", ".3f"),
+            ("probe_age_mae_mean", ".2f"), ("probe_age_mae_grid", ".2f"), ("rankme_cls", ".1f"),
+            ("rankme_mean", ".1f"), ("rankme_patch", ".1f")]
+    head = ["setting", "seed", "step"] + [k.replace("probe_", "") for k, _ in keys]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|---:|" + "---:|" * len(keys)]
+    for setting in [s for s in LABELS if s in found] + sorted(set(found) - set(LABELS)):
+        for seed, path in sorted(found[setting].items()):
+            rows = probe_rows(path)
+            for r in (rows[0], rows[-1]) if len(rows) > 1 else rows:
+                cells = [format(r[k], spec) if k in r else "–" for k, spec in keys]
+                lines.append(f"| {LABELS.get(setting, setting)} | {seed} | {r['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(["## Validation split: first and last probe of each run", "", *lines]) + "\n"
 
 
 def _test_metrics(report_path: Path, feature: str) -> dict | None:
@@ -143,7 +160,7 @@ def main(argv) -> int:
         print(f"summarize_curves: no <setting>_s<seed>/metrics.jsonl under {root}", file=sys.stderr)
         return 2
     plot(found, out / "learning_curves.png")
-    text = table(root, found)
+    text = val_table(found) + "\n" + table(root, found)
     (out / "learning_curves_table.md").write_text(text)
     print(text)
     print(f"wrote {out / 'learning_curves.png'} and {out / 'learning_curves_table.md'}")
