@@ -119,3 +119,16 @@ def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_n():
     ci = bootstrap.classification_intervals(labels, scores, n_boot=200)
     assert ci["accuracy"][0] < 0.9 < ci["accuracy"][1]
     assert 0.5 < ci["roc_auc"][0] <= ci["roc_auc"][1] <= 1.0
+
+
+def test_paired_difference_is_narrower_than_unpaired_and_centred_on_the_gap():
+    rng = np.random.default_rng(1)
+    hardness = rng.exponential(10.0, 2000)  # per-face difficulty both encoders share
+    a = hardness + rng.normal(0.0, 1.0, 2000)
+    b = hardness + 0.3 + rng.normal(0.0, 1.0, 2000)  # b is worse by 0.3 on every face
+    d = bootstrap.paired_difference(a, b)
+    assert d["low"] < -0.3 < d["high"] < 0 and d["difference"] == pytest.approx(np.mean(a - b))
+    unpaired = bootstrap.regression_intervals(np.zeros(2000), a)["mae"]  # a's own interval
+    assert d["high"] - d["low"] < (unpaired[1] - unpaired[0]) / 4
+    with pytest.raises(ValueError):
+        bootstrap.paired_difference(a, b[:10])
