@@ -78,9 +78,9 @@ def apply_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     * **Schedules for a 600-step run** (~2 epochs of UTKFace's train split at batch 64). Warm-up 10 % of
       the run. The EMA momentum runs 0.99 -> 0.999, so the target averages the last ~100 -> ~1000
       steps; I-JEPA's 0.996 -> 1.0 would leave the target (what is probed) mostly the random init.
-    * **Probes.** Every 100 steps (the learning-curve script uses 200) on `eval.*` (set them to a validation split: see
-      scripts/learning_curves.sh); CLS, mean-pooled and 2x2-grid readouts, with the representation's
-      effective rank (RankMe) beside them.
+    * **Probes.** Every 100 steps (the learning-curve script uses 200) on `eval.*`, which should name
+      a validation split (see scripts/learning_curves.sh); CLS, mean-pooled and 2x2-grid readouts,
+      with the representation's effective rank (RankMe) beside them.
 
         python -m mefem_jax.train --config=configs/vits.py:cpu --workdir=runs/cpu \
             --config.data.train=SHARDS --config.eval.train=... --config.eval.test=...

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="where to write the carved CSV")
     parser.add_argument("--percent", type=int, default=10, help="percent of the train rows moved to val")
     parser.add_argument("--id_column", default="file")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different file at --out")
     args = parser.parse_args(argv)
     src = Path(args.labels)
     if not src.is_file():
@@ -57,6 +58,11 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+    # Re-running with the same inputs rewrites the same bytes; any other file at --out is the user's.
+    if out.exists() and out.read_bytes() != tmp.read_bytes() and not args.overwrite:
+        tmp.unlink()
+        print(f"carve_val: {out} exists and holds something else; pass --overwrite to replace it", file=sys.stderr)
+        return 2
     tmp.replace(out)
     print(f"{out}: " + ", ".join(f"{k} {v}" for k, v in sorted(Counter(r['split'] for r in rows).items())))
     return 0

@@ -28,8 +28,11 @@ _FEATURES = flags.DEFINE_list("features", ["cls"], "readouts to compare")
 
 
 def _embeddings(folder: Path) -> tuple[Embeddings, Embeddings]:
-    report = json.loads((folder / "report.json").read_text())
-    caches = [report["data"][split].get("cache") for split in ("train", "test")]
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {folder} is not an evaluate output folder ({err})") from None
+    caches = [report.get("data", {}).get(split, {}).get("cache") for split in ("train", "test")]
     if not all(caches) or not all(Path(c).is_file() for c in caches):
         raise SystemExit(f"error: {folder} has no cached embeddings to refit from (run evaluate with its cache)")
     return Embeddings.load(Path(caches[0])), Embeddings.load(Path(caches[1]))

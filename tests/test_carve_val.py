@@ -37,3 +37,13 @@ def test_bad_input_is_one_line(tmp_path):
     (tmp_path / "nosplit.csv").write_text("file,age\na.jpg,3\n")
     proc = run(f"--labels={tmp_path / 'nosplit.csv'}", f"--out={tmp_path / 'x.csv'}")
     assert proc.returncode == 2 and "no column(s) ['split']" in proc.stderr
+
+
+def test_a_different_file_at_out_is_not_replaced(utkface_dir, tmp_path):
+    out = tmp_path / "labels.csv"
+    out.write_text("the user's own notes\n")
+    proc = run(f"--labels={utkface_dir / 'labels.csv'}", f"--out={out}")
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert out.read_text() == "the user's own notes\n" and list(tmp_path.iterdir()) == [out]
+    assert run(f"--labels={utkface_dir / 'labels.csv'}", f"--out={out}", "--overwrite").returncode == 0
+    assert run(f"--labels={utkface_dir / 'labels.csv'}", f"--out={out}").returncode == 0  # same bytes: fine

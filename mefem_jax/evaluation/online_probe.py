@@ -127,7 +127,7 @@ def _held_images(spec: str, image_size: int, eval_cfg, split: str) -> _HeldImage
 
 def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigDict) -> dict[str, float]:
     """Embed the held eval splits with `params` and fit the configured probes (module docstring)."""
-    from mefem_jax.evaluation.embeddings import compute_embeddings
+    from mefem_jax.evaluation.embeddings import GRID_SIZE, compute_embeddings
     from mefem_jax.evaluation.probes import blas_threads
     from mefem_jax.evaluation.targets import check_columns, parse_targets, probe_target
 
@@ -135,7 +135,7 @@ def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigD
     targets = parse_targets(eval_cfg.targets)
     features = [f.strip() for f in eval_cfg.features.split(",") if f.strip()]
     size = encoder.image_size
-    g = int(eval_cfg.get("grid_size", 2))
+    g = int(eval_cfg.get("grid_size", GRID_SIZE))  # configs saved before the key existed lack it
     train = compute_embeddings(encoder, params, _held_images(eval_cfg.train, size, eval_cfg, "train"), grid_size=g)
     test = compute_embeddings(encoder, params, _held_images(eval_cfg.test, size, eval_cfg, "test"), grid_size=g)
     check_columns(targets, list(train.labels), "eval train")
