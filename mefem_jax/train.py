@@ -32,7 +32,7 @@ from mefem_jax import sharding
 from mefem_jax.checkpoint import Checkpointer, with_shardings
 from mefem_jax.data.pipeline import make_train_iterator
 from mefem_jax.metric_writer import MetricWriter, plot_loss
-from mefem_jax.train_step import build, init_state, make_train_step
+from mefem_jax.run_setup import prepare
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py[:smoke].",
                                           lock_config=True)
@@ -76,34 +76,22 @@ def train(config, workdir: str | Path) -> dict:
     if is_lead:
         workdir.mkdir(parents=True, exist_ok=True)
 
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.log_mesh(mesh)
-    pieces = build(config)
-    rng = jax.random.PRNGKey(config.seed)
-    init_fn = lambda r: init_state(pieces, r)  # noqa: E731
-    abstract = jax.eval_shape(init_fn, rng)
-    state_sh = sharding.state_shardings(abstract, pieces.tx, mesh, min_fsdp_size=config.mesh.min_fsdp_size)
-    batch_sh = sharding.batch_sharding(mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    batch_size = config.data.batch_size
-    if batch_size % mesh.size:
-        raise ValueError(f"data.batch_size={batch_size} must be divisible by the {mesh.size} devices")
+    run = prepare(config)
+    sharding.log_mesh(run.mesh)
+    pieces, batch_sh, batch_size = run.pieces, run.batch_sharding, run.batch_size
     data_it = make_train_iterator(config.data, image_size=config.model.image_size, global_batch_size=batch_size,
                                   seed=config.seed, process_index=jax.process_index(),
                                   process_count=jax.process_count())
 
     ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
-    state, start = ckpt.restore_latest(with_shardings(abstract, state_sh), data_it, config)
+    state, start = ckpt.restore_latest(with_shardings(run.abstract_state, run.state_sharding), data_it, config)
     if is_lead:  # after the compatibility check: a refused resume leaves the run's config.json alone
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     if state is None:
-        # Parameters are created directly in their shards: no host ever holds a full copy.
-        state = jax.jit(init_fn, out_shardings=state_sh)(rng)
+        state = run.init()
         if config.init_from:
-            state = _init_encoder_from(state, config, state_sh)
-    step_fn = jax.jit(make_train_step(pieces), in_shardings=(state_sh, batch_sh),
-                      out_shardings=(state_sh, replicated), donate_argnums=0)
+            state = _init_encoder_from(state, config, run.state_sharding)
+    step_fn = run.step
 
     writer = MetricWriter(workdir, enabled=is_lead)
     writer.truncate_after(start)  # a resumed run rewrites what was logged after its checkpoint

@@ -60,19 +60,11 @@ def train_on_mesh(config, mesh_shape, steps: int, faces: np.ndarray, devices=Non
     import jax
 
     from mefem_jax import sharding
-    from mefem_jax.train_step import build, init_state, make_train_step
+    from mefem_jax.run_setup import prepare
 
     config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1])
-    mesh = sharding.make_mesh(config.mesh, devices)
-    pieces = build(config)
-    init_fn = lambda r: init_state(pieces, r)  # noqa: E731
-    rng = jax.random.PRNGKey(0)
-    state_sh = sharding.state_shardings(jax.eval_shape(init_fn, rng), pieces.tx, mesh,
-                                        min_fsdp_size=config.mesh.min_fsdp_size)
-    batch_sh = sharding.batch_sharding(mesh)
-    state = jax.jit(init_fn, out_shardings=state_sh)(rng)
-    step = jax.jit(make_train_step(pieces), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                   donate_argnums=0)
+    run = prepare(config, devices)  # exactly train.py's state, shardings and jitted step
+    state, step, batch_sh = run.init(), run.step, run.batch_sharding
     per_process = GLOBAL_BATCH // jax.process_count()
     lo = jax.process_index() * per_process
     losses = []
@@ -81,7 +73,7 @@ def train_on_mesh(config, mesh_shape, steps: int, faces: np.ndarray, devices=Non
         images = sharding.global_batch(batch[lo:lo + per_process], batch_sh)
         state, metrics = step(state, images)
         losses.append(float(metrics["loss"]))
-    return losses, state, state_sh
+    return losses, state, run.state_sharding
 
 
 def gather(tree) -> dict[str, np.ndarray]:
