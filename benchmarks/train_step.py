@@ -49,8 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import vits  # noqa: E402
-from mefem_jax.models.predictor import predictor_from_config  # noqa: E402
-from mefem_jax.models.vit import encoder_dims  # noqa: E402
+from mefem_jax.flops import step_flops  # noqa: E402
 from mefem_jax.train_step import build, init_state, make_train_step  # noqa: E402
 
 UTKFACE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "utkface"))
@@ -98,41 +97,6 @@ def load_faces(n: int, size: int) -> tuple[np.ndarray, str]:
 
 
 # --------------------------------------------------------------------------------------------- FLOPs
-
-
-def vit_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> int:
-    """Forward matmul FLOPs of `depth` pre-norm blocks on one sequence of `tokens` tokens.
-
-    Per block: qkv 2*T*D*3D, proj 2*T*D*D, MLP 2 * 2*T*D*(r*D), attention QK^T and AV 2*T*T*D each
-    (summed over heads). LayerNorm, softmax, GELU and residual adds are not matmuls and not counted.
-    """
-    hidden = int(width * mlp_ratio)
-    per_block = 2 * tokens * width * (3 * width + width + 2 * hidden) + 4 * tokens * tokens * width
-    return depth * per_block
-
-
-def step_flops(config, masker, batch: int) -> dict[str, int]:
-    """Analytic model FLOPs of one train step, with the forward pieces that make it up."""
-    width, depth, _ = encoder_dims(config.model)
-    pred = predictor_from_config(config.model, config.predictor)
-    p = config.model.patch_size
-    n = masker.grid[0] * masker.grid[1]
-    n_ctx, k_ctx, n_tgt, k_tgt = masker.n_ctx, masker.k_ctx, masker.n_tgt, masker.k_tgt
-    patch_embed = 2 * n * (3 * p * p) * width  # conv k=s=p over the whole image
-
-    target = patch_embed + vit_flops(1 + n, width, depth)
-    # Each context set embeds the full image, gathers its patches, then runs 1 + Kc tokens.
-    context = n_ctx * (patch_embed + vit_flops(1 + k_ctx, width, depth))
-    # Per context set: D -> Dp embed of its 1 + Kc tokens (I-JEPA embeds once, then repeats the result
-    # for each target set). Per (context, target) pair: the blocks on 1 + Kc + 1 + Kt tokens and the
-    # Dp -> D projection of the 1 + Kt predicted slots.
-    predictor = n_ctx * 2 * (1 + k_ctx) * width * pred.width
-    predictor += n_ctx * n_tgt * (vit_flops(2 + k_ctx + k_tgt, pred.width, pred.depth, pred.mlp_ratio)
-                                  + 2 * (1 + k_tgt) * pred.width * width)
-    per_image = {"target_fwd": target, "context_fwd": context, "predictor_fwd": predictor}
-    out = {k: batch * v for k, v in per_image.items()}
-    out["total"] = out["target_fwd"] + 3 * (out["context_fwd"] + out["predictor_fwd"])
-    return out
 
 
 def xla_flops(compiled) -> float:

@@ -8,7 +8,8 @@ Unrolled blocks: XLA counts a scanned loop's body once.
 import jax
 import jax.numpy as jnp
 
-from benchmarks.train_step import make_config, step_flops, xla_flops
+from benchmarks.train_step import make_config, xla_flops
+from mefem_jax.flops import step_flops
 from mefem_jax.train_step import build, init_state, make_train_step
 
 
