@@ -23,9 +23,12 @@ import jax
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-DATA_AXES = ("data", "fsdp")  # the batch dimension is split over both mesh axes
+from mefem_jax.models.activation_sharding import BATCH_AXES
+
+DATA_AXES = BATCH_AXES  # the batch dimension is split over both mesh axes
 
 # Leaves of a scanned block stack (`model.scan_layers`): axis 0 is the layer.
 STACKED = re.compile(r"(^|/)blocks/")
@@ -54,7 +57,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp) mesh over all devices; one size may be -1 for "the rest"."""
+    """A (data, fsdp) mesh over all devices; one size may be -1 for "the rest".
+
+    Over several TPU slices (multi-slice) the `fsdp` axis stays inside a slice, on the fast chip-to-chip
+    links, and the `data` axis spans the slices: only the gradient reduction crosses the slower
+    data-centre network."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     data, fsdp = int(mesh_cfg.data), int(mesh_cfg.fsdp)
@@ -66,8 +73,16 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
         fsdp = n // data
     if data * fsdp != n or data < 1 or fsdp < 1:
         raise ValueError(f"mesh data={mesh_cfg.data} x fsdp={mesh_cfg.fsdp} does not tile the {n} devices")
-    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto),
-                         devices=devices)
+    axis_types = (AxisType.Auto, AxisType.Auto)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        if data % slices:
+            raise ValueError(f"mesh.fsdp={fsdp} must divide the {n // slices} devices of one slice "
+                             f"({slices} slices): fsdp does not cross the data-centre network")
+        grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices,
+                                                    allow_split_physical_axes=True)
+        return Mesh(grid, ("data", "fsdp"), axis_types=axis_types)
+    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=axis_types, devices=devices)
 
 
 def _path_str(path) -> str:

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mefem_jax.models.activation_sharding import batch_sharded
+
 # name -> (width, depth, heads), the standard ViT sizes (Dosovitskiy et al.; DeiT for Ti).
 VARIANTS = {"Ti": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
 
@@ -114,6 +116,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = batch_sharded(x)  # see models/activation_sharding.py: FSDP gathers weights, not activations
         x = x + Attention(self.heads, self.dtype, name="attn")(layer_norm(self.dtype, "norm1")(x), mask)
         hidden = int(x.shape[-1] * self.mlp_ratio)
         return x + Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
