@@ -103,14 +103,15 @@ def find_max_batch(config, tpu: tpu_topologies.Slice, devices: list | None = Non
                    mfu: float = 0.4, rel_tol: float = 0.05) -> dict:
     """The largest global batch (a multiple of the device count) whose step fits, by a bounded search.
 
-    What compiles cost shapes the search: a step far from the HBM limit compiles in about a minute, one
-    XLA refuses in seconds, but one just under the limit can take several minutes, because XLA then
-    rematerialises to squeeze it in. Below that region peak memory is affine in the batch (parameters
-    and optimizer state, plus activations per example). So the second probe doubles (or halves) the
-    recipe batch, the next aims where the line through two measured peaks reaches 97 % of HBM (kept
-    inside the bracket, at most 16x the largest fit), and the next sits `rel_tol` above a fit that the
-    line predicted. The search stops when the bracket [largest that fits, smallest that does not] is
-    within `rel_tol` (or one device's worth of examples), or after `max_compiles` compiles.
+    What compiles cost shapes the search: a step far from the HBM limit compiles in a minute or two, one
+    that XLA refuses in seconds, but one just under the limit can take several minutes, because XLA then
+    rematerialises to squeeze it in. Away from the limit both measures XLA gives are affine in the batch:
+    the peak of a step that fits, and the temporaries its refusal message quotes. So the search starts at
+    the config's batch and doubles until something fails (or halves until something fits), then aims
+    where the line through two probes of one kind meets its limit (97 % of HBM for peaks, XLA's
+    available HBM for refused temporaries), kept inside the bracket [largest fit, smallest failure];
+    after a fit the line predicted, it tries `rel_tol` above it. Without two such probes it bisects.
+    It stops when the bracket is within `rel_tol` (or one example per device), or after `max_compiles`.
     """
     devices = devices if devices is not None else tpu_topologies.devices(tpu)
     g = len(devices)
@@ -129,39 +130,36 @@ def find_max_batch(config, tpu: tpu_topologies.Slice, devices: list | None = Non
         else:
             hi = batch if hi is None else min(hi, batch)
 
-    def peak(batch: int) -> float | None:
-        r = probes[batch]
-        if "per_device_bytes" in r:
-            return r["per_device_bytes"]["peak"]
-        fitted = probes.get(lo, {}).get("per_device_bytes")
-        if "temp_required_bytes" in r and fitted:
-            # Refused by XLA: its message gives the temporaries only; the rest (arguments, code) barely
-            # depends on the batch, so take it from the largest batch that fitted.
-            return r["temp_required_bytes"] + fitted["peak"] - fitted["temp"]
-        return None
-
     def step() -> int:
         return max(g, int(rel_tol * lo) // g * g)
 
     def closed() -> bool:
         return hi is not None and (hi - lo <= step() or (hi == g and not lo))
 
+    def crossing(kind: str) -> float | None:
+        """Where the line through the two probes nearest the boundary of one kind meets its limit: fits
+        by their peak against 97 % of HBM, refusals by XLA's temporaries against what XLA offers. (The
+        two measures differ, so a line never joins a fit to a refusal.)"""
+        if kind == "fit":
+            pts = [(b, p["per_device_bytes"]["peak"]) for b, p in probes.items() if "per_device_bytes" in p]
+            pts, limit = sorted(pts)[-2:], target
+        else:
+            pts = [(b, p["temp_required_bytes"]) for b, p in probes.items() if "temp_required_bytes" in p]
+            pts = sorted(pts)[:2]
+            limit = 0.97 * min((p.get("hbm_available_bytes", target) for p in probes.values()), default=target)
+        if len(pts) < 2 or pts[1][1] <= pts[0][1]:
+            return None
+        (b0, p0), (b1, p1) = pts
+        return b0 + (limit - p0) * (b1 - b0) / (p1 - p0)
+
     def next_batch(predicted_fit: bool) -> tuple[int, bool]:
-        """The next batch to compile, and whether it is the line's own (unclamped) prediction."""
+        """The next batch to compile, and whether it is a line's own (unclamped) prediction."""
         if predicted_fit and (hi is None or lo + step() < hi):
             return lo + step(), False  # the line said lo is about the boundary: check just above it
-        measured = [b for b in sorted(probes) if peak(b) is not None]
-        pair = [b for b in (lo, hi) if b in measured]
-        if len(pair) < 2 and hi is None:
-            pair = measured[-2:]
-        by_line = len(pair) == 2 and peak(pair[1]) > peak(pair[0])
-        if by_line:
-            (b0, b1), (p0, p1) = pair, (peak(pair[0]), peak(pair[1]))
-            guess = b0 + (target - p0) * (b1 - b0) / (p1 - p0)
-        elif hi is None:
-            guess = 2 * lo
-        else:
-            guess = (lo + hi) / 2 if lo else hi / 2
+        guess = crossing("fit") if hi is None else crossing("refusal") or crossing("fit")
+        by_line = guess is not None
+        if guess is None:
+            guess = 2 * lo if hi is None else (lo + hi) / 2 if lo else hi / 2
         top = 16 * lo if hi is None else hi - g
         b = int(guess) // g * g
         clamped = min(max(b, lo + g), top)

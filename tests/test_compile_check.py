@@ -135,7 +135,7 @@ def _affine_compiler(fixed: float, per_example: float, limit: float):
         need = fixed + per_example * b
         if need > limit:
             return {"fits": False, "compiler_refused": True, "compiler_message": "Ran out of memory",
-                    "temp_required_bytes": int(need - fixed)}
+                    "temp_required_bytes": int(need - fixed), "hbm_available_bytes": int(limit - fixed)}
         return {"fits": True, "hbm_bytes": tpu.generation.hbm_bytes,
                 "per_device_bytes": {"peak": int(need), "temp": int(need - fixed)}}
     return check
