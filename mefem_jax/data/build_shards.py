@@ -13,10 +13,13 @@ other CSV column as a typed label. What is written:
   every epoch), rotated by its EXIF orientation, or in another format (BMP, WebP, TIFF…).
   Grayscale, RGBA and CMYK images are kept as they are; the reader converts them to RGB.
 * Skipped, each listed in the manifest's `skipped` with the reason: unreadable or truncated
-  files, non-images, images under --min_side (a 1x1 pixel says nothing about a face), CSV rows
-  whose file is missing, duplicated, or whose numeric label is missing or not a number.
+  files, dangling or looping symbolic links, non-images, images under --min_side (a 1x1 pixel
+  says nothing about a face), CSV rows whose file is missing, duplicated, or whose numeric label
+  is missing or not a number.
 * Refused up front, with the path in the message: a missing or empty images folder, a missing
-  labels file or `file` column, filters on columns that do not exist.
+  labels file or `file` column, a labels file that is not UTF-8 (named with its line), filters on
+  columns that do not exist, and a non-empty --out that holds no build of ours (its files are never
+  deleted). A build in which no image is usable writes no manifest and exits non-zero.
 
 Re-running is safe. The manifest is written last, atomically, and carries a fingerprint of the
 inputs and options: the same command on a finished folder does nothing; a folder holding a
@@ -30,8 +33,8 @@ Shards are built in parallel over --workers processes; each shard is written by 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
+import errno
 import glob
 import hashlib
 import io
@@ -45,6 +48,7 @@ import time
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mefem_jax.data import csv_text
 from mefem_jax.data import decode
 from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.data import records
@@ -55,6 +59,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 _KEPT_FORMATS = ("JPEG", "PNG")
 _EXIF_ORIENTATION = 0x0112
 _STATUS_DIR = ".build"
+# Written into .build/ before anything else: marks a folder holding an unfinished build of ours,
+# the only kind (besides one with our manifest) whose leftovers the builder may delete.
+_BUILD_MARK = "builder.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,19 +130,34 @@ def plan_rows(opts: BuildOptions) -> tuple[list[Row], list[dict], dict[str, str]
         raise ValueError(f"images folder {opts.images} holds no image files "
                          f"({', '.join(IMAGE_EXTENSIONS)})")
     if opts.labels is None:
-        rows = [Row(f, os.path.join(opts.images, f), (), _row_stat(os.path.join(opts.images, f)))
-                for f in on_disk]
-        return rows, [], {}, 0
+        return (*_plan_unlabelled(opts, on_disk), {}, 0)
     return _plan_from_csv(opts, set(on_disk))
+
+
+def _plan_unlabelled(opts: BuildOptions, on_disk: list[str]) -> tuple[list[Row], list[dict]]:
+    """Every image file as a row; a name that cannot be stat'ed is skipped, not the whole build."""
+    rows, skipped = [], []
+    for f in on_disk:
+        path = os.path.join(opts.images, f)
+        try:
+            rows.append(Row(f, path, (), _row_stat(path)))
+        except OSError as err:  # dangling or looping symlink, vanished or unreachable file
+            skipped.append({"file": f, "reason": _stat_problem(path, err)})
+    return rows, skipped
+
+
+def _stat_problem(path: str, err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "symbolic link loop"
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"dangling symbolic link (to {os.readlink(path)})"
+    return f"cannot read: {err.strerror or err}"
 
 
 def _plan_from_csv(opts: BuildOptions, on_disk: set[str]):
     if not os.path.isfile(opts.labels):
         raise FileNotFoundError(f"labels file {opts.labels} does not exist")
-    with open(opts.labels, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        table = list(reader)
+    columns, table = csv_text.read_rows(opts.labels)
     where = os.path.basename(opts.labels)
     if opts.file_column not in columns:
         raise ValueError(f"{opts.labels} has no {opts.file_column!r} column (columns: {columns})")
@@ -319,11 +341,44 @@ def _reusable(opts: BuildOptions, file: str, fingerprint: str) -> dict | None:
 
 
 def _remove_stale(opts: BuildOptions, expected: set[str]) -> None:
-    """Deletes leftovers of other builds under this name: temp files, shards of another count."""
+    """Deletes leftovers of other builds under this name: temp files, shards of another count.
+    Only called on a folder `_check_out_folder` accepted as ours."""
     pattern = os.path.join(opts.out, f"{opts.name}-?????-of-?????{manifest_lib.SHARD_SUFFIX}")
     for path in glob.glob(pattern) + glob.glob(pattern + ".tmp.*"):
         if os.path.basename(path) not in expected:
+            log.info("removing %s: left by an earlier build of this folder", path)
             os.remove(path)
+
+
+def _is_our_build_mark(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("format") == manifest_lib.FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out_folder(opts: BuildOptions) -> None:
+    """Refuses an --out holding anything but a build of ours: the builder deletes shard-like
+    files, temp files and .build/ in its folder, which in someone else's folder are not ours."""
+    if os.path.exists(opts.out) and not os.path.isdir(opts.out):
+        raise FileExistsError(f"--out {opts.out} is a file, not a folder")
+    if not os.path.isdir(opts.out) or not os.listdir(opts.out):
+        return  # new or empty
+    if os.path.exists(os.path.join(opts.out, manifest_lib.MANIFEST_NAME)):
+        manifest_lib.read_manifest(opts.out)  # ours, or ValueError naming the file
+        return
+    if _is_our_build_mark(os.path.join(opts.out, _STATUS_DIR, _BUILD_MARK)):
+        return  # an interrupted build of ours
+    raise FileExistsError(f"{opts.out} is not empty and holds no shard build (no "
+                          f"{manifest_lib.MANIFEST_NAME}); pick a new or empty --out")
+
+
+def _mark_build(opts: BuildOptions) -> None:
+    status_dir = os.path.join(opts.out, _STATUS_DIR)
+    os.makedirs(status_dir, exist_ok=True)
+    manifest_lib.write_json_atomic(os.path.join(status_dir, _BUILD_MARK),
+                                   {"format": manifest_lib.FORMAT, "state": "building"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +390,9 @@ def build(opts: BuildOptions) -> dict:
     start = time.time()
     rows, skipped, schema, unlisted = plan_rows(opts)
     if not rows:
-        raise ValueError(f"nothing to write: every row was skipped, e.g. {skipped[:3]}")
+        raise ValueError(f"nothing to write: every row was skipped, e.g. "
+                         f"{skipped[0]['file']}: {skipped[0]['reason']}" if skipped else
+                         f"nothing to write from {opts.images}")
     clash = sorted(set(schema) & set(records.RESERVED_KEYS))
     if clash:
         raise ValueError(f"label columns {clash} clash with the pipeline's keys "
@@ -348,6 +405,7 @@ def build(opts: BuildOptions) -> dict:
                     for k, chunk in enumerate(chunks)]
     fingerprint = _fingerprint([content, shard_prints, skipped])
 
+    _check_out_folder(opts)
     os.makedirs(opts.out, exist_ok=True)
     manifest_path = os.path.join(opts.out, manifest_lib.MANIFEST_NAME)
     if os.path.exists(manifest_path):
@@ -359,10 +417,12 @@ def build(opts: BuildOptions) -> dict:
             raise FileExistsError(
                 f"{opts.out} already holds a different build (its manifest.json has another "
                 "fingerprint); pass --overwrite or pick another --out")
+        log.info("removing %s: --overwrite replaces that build", manifest_path)
+        _mark_build(opts)  # first, so an interruption leaves a folder still recognisably ours
         os.remove(manifest_path)  # from here on the folder reads as "not finished"
 
     files = [manifest_lib.shard_name(opts.name, k, num_shards) for k in range(num_shards)]
-    os.makedirs(os.path.join(opts.out, _STATUS_DIR), exist_ok=True)
+    _mark_build(opts)
     _remove_stale(opts, set(files))
     statuses = {f: _reusable(opts, f, fp) for f, fp in zip(files, shard_prints)}
     jobs = [_ShardJob(k, f, chunks[k], shard_prints[k], opts)
@@ -377,6 +437,10 @@ def build(opts: BuildOptions) -> dict:
     shards = [{"file": f, "num_records": statuses[f]["num_records"]} for f in files]
     for f in files:
         skipped.extend(statuses[f]["skipped"])
+    if not any(s["num_records"] for s in shards):
+        # A 0-record dataset would only fail later, in training, far from its cause; no manifest.
+        raise ValueError(f"nothing usable in {opts.images}: all {len(skipped)} inputs were skipped, "
+                         f"e.g. {skipped[0]['file']}: {skipped[0]['reason']}")
     manifest = {
         "format": manifest_lib.FORMAT, "version": manifest_lib.VERSION, "name": opts.name,
         "num_records": sum(s["num_records"] for s in shards), "shards": shards,
@@ -387,6 +451,8 @@ def build(opts: BuildOptions) -> dict:
         "fingerprint": fingerprint,
     }
     manifest_lib.write_json_atomic(manifest_path, manifest)
+    log.info("removing %s: status files of this finished build",
+             os.path.join(opts.out, _STATUS_DIR))
     shutil.rmtree(os.path.join(opts.out, _STATUS_DIR), ignore_errors=True)
     log.info("done in %.1fs: %d records in %d shards, %d skipped → %s", time.time() - start,
              manifest["num_records"], num_shards, len(skipped), manifest_path)

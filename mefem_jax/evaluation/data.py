@@ -30,7 +30,6 @@ counted, never fatal. Every batch is a dict: "image" float32 [b, H, W, 3], "id" 
 """
 from __future__ import annotations
 
-import csv
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import Iterator
 
 import numpy as np
 
+from mefem_jax.data import csv_text
 from mefem_jax.evaluation.spec_options import SpecError, split_options
 
 ID_COLUMNS = ("file", "filename", "image", "path")
@@ -126,10 +126,10 @@ def read_folder_table(spec: DataSpec) -> FolderTable:
     if not image_dir.is_dir():
         raise DataSpecError(f"{spec}: image folder {image_dir} does not exist")
 
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
+    try:
+        header, rows = csv_text.read_rows(str(csv_path))
+    except csv_text.CsvTextError as err:  # names the file and line, as a spec error the CLI prints
+        raise DataSpecError(str(err)) from None
     if not header:
         raise DataSpecError(f"{csv_path} is empty")
     id_column = opts.get("id") or next((c for c in ID_COLUMNS if c in header), None)
