@@ -52,6 +52,9 @@ class ConversionError(ValueError):
 
     def __init__(self, what: str, problems: list[str]):
         self.problems = list(problems)
+        if len(self.problems) == 1:  # one line, so a command line can print it as its error
+            super().__init__(f"{what}: {self.problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{what}: {len(self.problems)} problem(s)\n{lines}")
 
@@ -293,6 +296,38 @@ def _adapt_ijepa(state_dict: dict[str, Any], seed: int) -> tuple[dict[str, Any],
     return state_dict, notes
 
 
+def _first_line(err: Exception) -> str:
+    """'Type: first sentence' of a library's error, which can run to paragraphs."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text.split('. ')[0]}"
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """load_file, with a damaged or foreign file named in one line instead of a bare SafetensorError."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise ConversionError(f"cannot read {path}", [
+            f"not a valid safetensors file (truncated, damaged or another format): {_first_line(err)}"]) from None
+
+
+def _load_torch_file(path: Path) -> Any:
+    """load_pth, with a damaged or foreign file named in one line (torch's own errors name no file)."""
+    import pickle
+    try:
+        return load_pth(path)
+    except pickle.UnpicklingError:
+        # torch's message here advises weights_only=False, i.e. running code from the file: not repeated.
+        raise ConversionError(f"cannot read {path}", [
+            "torch.load(weights_only=True) refused it: not a torch checkpoint, damaged, or it holds "
+            "objects other than tensors"]) from None
+    except (EOFError, RuntimeError) as err:  # empty file, broken zip archive
+        raise ConversionError(f"cannot read {path}", [
+            f"not a readable torch checkpoint (truncated, damaged or another format): {_first_line(err)}"]) from None
+
+
 def read_state_dict(path: str | Path, which: str = "target_encoder",
                     seed: int = 0) -> tuple[dict[str, Any], list[str]]:
     """Read a checkpoint into a flat timm-layout state dict; also return notes on what was adapted.
@@ -312,10 +347,9 @@ def read_state_dict(path: str | Path, which: str = "target_encoder",
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-        return load_file(str(path)), notes
+        return _load_safetensors(path), notes
 
-    obj = load_pth(path)
+    obj = _load_torch_file(path)
     if not isinstance(obj, Mapping):
         raise ConversionError(f"cannot read {path}", [f"expected a dict, found {type(obj).__name__}"])
     if "encoder" in obj or "target_encoder" in obj:
@@ -442,6 +476,10 @@ def model_card(model_cfg, card: Mapping[str, Any] | None = None) -> str:
 
 
 EXPORT_FORMATS = ("safetensors", "pth")
+EXPORT_FILES = ("model.safetensors", "model.pth.tar", "config.json", "README.md")
+# Ends every model card we write (invisible when rendered): how a later export tells its own
+# README.md from a user's, which it must never replace.
+CARD_MARK = "<!-- written by mefem_jax.export -->"
 
 
 def export_folder(params: Mapping, model_cfg, out_dir: str | Path,
@@ -457,13 +495,15 @@ def export_folder(params: Mapping, model_cfg, out_dir: str | Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
     # timm reads safetensors regardless of the format tag; "pt" is what HF tooling expects.
-    save_file(state_dict, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    # Bytes written through Python, not safetensors' save_file: that creates the file 0600, unlike
+    # the other files here (0644 under the usual umask), and a shared release folder must be readable.
+    (out_dir / "model.safetensors").write_bytes(save(state_dict, metadata={"format": "pt"}))
     if "pth" in formats:
         save_pth(state_dict, out_dir / "model.pth.tar")
     (out_dir / "config.json").write_text(json.dumps(timm_config(model_cfg), indent=2) + "\n")
-    (out_dir / "README.md").write_text(model_card(model_cfg, card))
+    (out_dir / "README.md").write_text(model_card(model_cfg, card) + CARD_MARK + "\n")
     return out_dir
 
 
@@ -621,6 +661,40 @@ def _from_checkpoint(spec: str, which: str):
     return loaded.params, loaded.model_cfg, card
 
 
+def _written_by_us(path: Path) -> bool:
+    """Whether an existing config.json / README.md is one an earlier export wrote."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.name == "README.md":
+            return text.rstrip().endswith(CARD_MARK)
+        return json.loads(text).get("pretrained_cfg", {}).get("tag") == "mefem_jax"
+    except (OSError, ValueError, AttributeError):  # unreadable, not UTF-8, not JSON, not a dict
+        return False
+
+
+def out_folder_refusal(out: Path, overwrite: bool) -> str | None:
+    """Why the export must not write into `out`, or None when it may.
+
+    A new or empty folder is fine. A non-empty one only when it holds an earlier export (its model
+    files or our config.json) and --overwrite is given, and then only if every file the export
+    would replace is ours: the user's README.md or config.json is never replaced.
+    """
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    present = [n for n in EXPORT_FILES if (out / n).exists()]
+    ours = [n for n in present if n.startswith("model.") or _written_by_us(out / n)]
+    if not any(n.startswith("model.") or n == "config.json" for n in ours):
+        return f"{out} is not empty and holds no earlier export; pick a new or empty --out"
+    foreign = [n for n in present if n not in ours]
+    if foreign:
+        return f"{out}/{foreign[0]} was not written by an export and would be replaced; move it or pick another --out"
+    if not overwrite:
+        return f"{out} already holds an export ({', '.join(present)}); pass --overwrite to replace it"
+    return None
+
+
 def main(argv) -> None:
     from absl import app
     from absl import flags
@@ -641,9 +715,9 @@ def main(argv) -> None:
     if unknown or not formats:
         raise app.UsageError(f"unknown --format {unknown or '(empty)'}; choose from {list(EXPORT_FORMATS)}")
     out = Path(FLAGS.out)
-    existing = [n for n in ("model.safetensors", "model.pth.tar", "config.json") if (out / n).exists()]
-    if existing and not FLAGS.overwrite:
-        raise app.UsageError(f"{out} already holds an export ({', '.join(existing)}); pass --overwrite")
+    refusal = out_folder_refusal(out, FLAGS.overwrite)
+    if refusal:
+        raise SystemExit(f"export: {refusal}")
 
     try:
         if FLAGS.workdir is not None:

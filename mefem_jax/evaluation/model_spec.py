@@ -154,6 +154,17 @@ def _float_array(value: Any) -> np.ndarray:
     return np.asarray(value.float() if type(value).__module__.startswith("torch") else value, np.float32)
 
 
+def _read_config_json(path: Path) -> dict:
+    """The timm config.json beside a weights file; a damaged one is named in one line."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, not JSON
+        raise ModelSpecError(f"cannot read {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(config, dict):
+        raise ModelSpecError(f"cannot read {path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
 def infer_model_config(state_dict: dict, config_json: Path | None = None, heads: int | None = None,
                        dtype: str = "float32") -> ml_collections.ConfigDict:
     """The encoder a timm-layout state dict describes."""
@@ -170,7 +181,7 @@ def infer_model_config(state_dict: dict, config_json: Path | None = None, heads:
 
     if heads is None and config_json is not None and config_json.is_file():
         # export.timm_config writes num_heads into model_args whenever it is not the standard one.
-        heads = (json.loads(config_json.read_text()).get("model_args") or {}).get("num_heads")
+        heads = (_read_config_json(config_json).get("model_args") or {}).get("num_heads")
     standard = next((name for name, dims in VARIANTS.items() if dims[0] == width), None)
     if heads is None:
         if standard is None:
