@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from mefem_jax import config_checks as checks
 from mefem_jax import losses, masking, optim
-from mefem_jax.data.pipeline import default_data_config
-from mefem_jax.evaluation.online_probe import default_eval_config
+from mefem_jax.data.pipeline import default_data_config, validate_data_config
+from mefem_jax.evaluation.online_probe import default_eval_config, validate_eval_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -42,6 +43,27 @@ def base_config() -> ml_collections.ConfigDict:
     # Continue pretraining from released or exported weights (encoder only; the predictor starts fresh).
     c.init_from = ""
     return c
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+    """Start-up checks of a whole config: this file's sections here, the others beside their defaults.
+
+    Raises ConfigError (one line: key, value, allowed range) on the first bad value.
+    """
+    checks.require("total_steps", c.total_steps, isinstance(c.total_steps, int) and c.total_steps >= 1,
+                   "an integer >= 1")
+    checks.positive(c, "", "log_every")
+    checks.positive(c.model, "model", "patch_size", "image_size")
+    checks.require("model.image_size", c.model.image_size, c.model.image_size % c.model.patch_size == 0,
+                   f"a multiple of model.patch_size={c.model.patch_size}")
+    for axis in ("data", "fsdp"):
+        checks.require(f"mesh.{axis}", c.mesh[axis], c.mesh[axis] == -1 or c.mesh[axis] >= 1, "-1 or >= 1")
+    checks.positive(c.checkpoint, "checkpoint", "every_steps", "max_to_keep")
+    masking.validate_mask_config(c.mask)
+    losses.validate_loss_config(c.loss)
+    optim.validate_optim_config(c.optim)
+    validate_data_config(c.data)
+    validate_eval_config(c.eval)
 
 
 def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

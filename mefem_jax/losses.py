@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mefem_jax import config_checks as checks
+
 
 def default_loss_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
@@ -39,6 +41,17 @@ def default_loss_config() -> ml_collections.ConfigDict:
             ),
         )
     )
+
+
+def validate_loss_config(cfg) -> None:
+    checks.one_of(cfg, "loss", "kind", ("smooth_l1", "l2"))
+    checks.positive(cfg, "loss", "beta", "target_ln_eps")
+    checks.probability(cfg.cls, "loss.cls", "p_target")
+    checks.non_negative(cfg.cls, "loss.cls", "loss_weight")
+    checks.one_of(cfg.circular, "loss.circular", "profile", ("cosine", "gaussian"))
+    checks.require("loss.circular.w_min", cfg.circular.w_min, 0 < cfg.circular.w_min <= 1, "a number in (0, 1]")
+    checks.non_negative(cfg.sigreg, "loss.sigreg", "weight")
+    checks.positive(cfg.sigreg, "loss.sigreg", "slices", "knots", "t_max")
 
 
 # --------------------------------------------------------------------------------------- targets

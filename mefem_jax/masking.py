@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from ml_collections import config_dict
+from mefem_jax import config_checks as checks
 
 
 class Masks(NamedTuple):
@@ -79,6 +80,17 @@ def default_mask_config() -> ml_collections.ConfigDict:
     cfg.stripes = ml_collections.ConfigDict(dict(
         orientation="cross", k=2, width=(1, 3), ratio=(0.25, 0.5), slots="pad"))
     return cfg
+
+
+def validate_mask_config(cfg) -> None:
+    """Start-up checks of `mask`; the grid-dependent ones stay in make_masker, which knows the grid."""
+    checks.one_of(cfg, "mask", "strategy", _FACTORIES)
+    checks.one_of(cfg.quadrant, "mask.quadrant", "q", (1, 2, 3))
+    checks.positive(cfg.stripes, "mask.stripes", "k")
+    checks.ordered_pair(cfg.stripes, "mask.stripes", "ratio", 0, 1)
+    checks.positive(cfg.multiblock, "mask.multiblock", "n_pred", "n_enc", "min_keep")
+    for key in ("enc_scale", "pred_scale"):
+        checks.ordered_pair(cfg.multiblock, "mask.multiblock", key, 0, 1)
 
 
 def _uniform_int(u: jax.Array, lo, hi) -> jax.Array:

@@ -19,6 +19,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from mefem_jax import config_checks as checks
+
 
 def default_optim_config() -> ml_collections.ConfigDict:
     """I-JEPA ViT-H/14 recipe numbers; learning rates are quoted at `ref_batch` and scaled linearly."""
@@ -41,6 +43,14 @@ def default_optim_config() -> ml_collections.ConfigDict:
             ema_horizon=1.0,
         )
     )
+
+
+def validate_optim_config(cfg) -> None:
+    checks.positive(cfg, "optim", "lr", "ref_batch", "eps", "ema_horizon")
+    checks.non_negative(cfg, "optim", "start_lr", "final_lr", "warmup_steps", "wd", "final_wd", "grad_clip")
+    for key in ("b1", "b2"):
+        checks.require(f"optim.{key}", cfg[key], 0 <= cfg[key] < 1, "a number in [0, 1)")
+    checks.ordered_pair(cfg, "optim", "ema", 0, 1)
 
 
 def scaled_lrs(cfg: ml_collections.ConfigDict, batch_size: int) -> tuple[float, float, float]:

@@ -39,6 +39,7 @@ from absl import logging
 from grain.multiprocessing import SharedMemoryArray
 from ml_collections import config_dict
 
+from mefem_jax import config_checks as checks
 from mefem_jax.data import augment
 from mefem_jax.data import sources
 
@@ -65,6 +66,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_consecutive_failures = 1000     # this many undecodable records in a row: stop, broken
     c.return_ids = False                  # add "id" to training batches
     return c
+
+
+def validate_data_config(c) -> None:
+    checks.positive(c, "data", "batch_size", "read_threads", "read_buffer", "max_consecutive_failures")
+    checks.non_negative(c, "data", "workers", "prefetch")
+    checks.ordered_pair(c, "data", "crop_scale", 1e-6, 1)
+    checks.ordered_pair(c, "data", "crop_ratio", 1e-6, float("inf"))
 
 
 def _process_slice(process_index: int | None, process_count: int | None) -> tuple[int, int]:

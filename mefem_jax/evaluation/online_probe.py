@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mefem_jax import config_checks as checks
 from mefem_jax.evaluation import rankme
 from mefem_jax.evaluation.data import DataSpec, folder_csv_path, open_eval_data, parse_data_spec
 from mefem_jax.models.vit import ViT
@@ -54,6 +55,11 @@ def default_eval_config() -> ml_collections.ConfigDict:
     c.grid_size = 2                         # the grid readout pools patch tokens to grid_size^2 cells
     c.probe_threads = 1                     # BLAS threads for the fits (probes.blas_threads)
     return c
+
+
+def validate_eval_config(c) -> None:
+    checks.non_negative(c, "eval", "every_steps")
+    checks.positive(c, "eval", "max_images", "batch_size", "grid_size", "probe_threads")
 
 
 @dataclass
