@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from absl import logging
 from etils import epath
 
 
@@ -49,9 +50,8 @@ class MetricWriter:
         """Drops rows logged after `step`: a resumed run rewrites them, so the file has no duplicates."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if json.loads(r)["step"] <= step]
-        self.path.write_text("".join(r + "\n" for r in kept))
+        kept = [line for line, row in _lines_and_rows(self.path) if row["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))  # also repairs a torn last line
 
     def close(self) -> None:
         if self._tb is not None:
@@ -88,7 +88,22 @@ def _to_json(v):
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
+    return [row for _, row in _lines_and_rows(epath.Path(path))]
+
+
+def _lines_and_rows(path: epath.Path) -> list[tuple[str, dict]]:
+    """(line, parsed row) of each row. A torn last line (a run killed mid-write) is dropped with a
+    warning; a bad line anywhere else is damage we did not cause, and an error naming the file."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path} line {i + 1} is not a JSON row ({e}); fix or remove that line") from None
+            logging.warning("%s: dropping its torn last line %r (a run stopped while writing it)", path, line[:80])
+    return out
 
 
 def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> None:
