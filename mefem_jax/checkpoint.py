@@ -11,6 +11,7 @@ skipped with a warning and the one before it is used.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -36,6 +37,14 @@ class IncompatibleCheckpointError(ValueError):
     pass
 
 
+class UnreadableCheckpointsError(RuntimeError):
+    pass
+
+
+class CheckpointSaveError(OSError):
+    """A save that failed (disk full, permission): names the step, the folder and the cause."""
+
+
 def checkpoint_dir(workdir: str | Path) -> epath.Path:
     """WORKDIR/checkpoints; local paths made absolute (Orbax requires it), gs:// left as is."""
     workdir = str(workdir)
@@ -53,24 +62,56 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving = None  # step of the newest save started, for naming it when it fails
 
     # ------------------------------------------------------------------------------------ save
 
-    def save(self, step: int, state, data_iterator, config, force: bool = False) -> bool:
-        """Saves when `step` is on the save interval (or `force`); returns whether a save started."""
-        args = ocp.args.Composite(
+    def save(self, step: int, state, data_iterator, config, force: bool = False,
+             counters: dict | None = None) -> bool:
+        """Saves when `step` is on the save interval (or `force`); returns whether a save started.
+
+        `counters` (JSON) are the run's cumulative host-side tallies, such as images decoded and skipped,
+        which must continue across a resume like the state does.
+        """
+        items = dict(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
         )
-        return self.manager.save(int(step), args=args, force=force)
+        if counters is not None:
+            items["counters"] = ocp.args.JsonSave(dict(counters))
+        args = ocp.args.Composite(**items)
+        self.check()  # the previous save's error is that save's, not this one's
+        self._saving = int(step)
+        with self._naming_failures():
+            return self.manager.save(int(step), args=args, force=force)
+
+    def check(self) -> None:
+        """Raises CheckpointSaveError if the save in flight has failed; cheap enough to call every step,
+        so an asynchronous save's failure surfaces right after it, not at the next save."""
+        with self._naming_failures():
+            self.manager.check_for_errors()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._naming_failures():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _naming_failures(self):
+        try:
+            yield
+        except CheckpointSaveError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Orbax and tensorstore wrap OS errors in their own types
+            where = self.directory / str(self._saving) if self._saving is not None else self.directory
+            raise CheckpointSaveError(f"saving the checkpoint of step {self._saving} to {where} failed: "
+                                      f"{_root_cause(e)}; the earlier checkpoints are intact") from e
 
     # --------------------------------------------------------------------------------- restore
 
@@ -104,8 +145,9 @@ class Checkpointer:
             return restored.state, step
         if unreadable:
             # Starting afresh here would silently discard the run (and rewrite its metrics from step 0).
-            raise RuntimeError(f"none of the checkpoints in {self.directory} (steps {sorted(unreadable)}) can be "
-                               "restored, see the warnings above; move them away to start this run afresh")
+            raise UnreadableCheckpointsError(
+                f"none of the checkpoints in {self.directory} (steps {sorted(unreadable)}) can be restored, "
+                "see the warnings above; move them away to start this run afresh")
         return None, 0
 
     def _set_aside(self, steps: list[int]) -> None:
@@ -129,6 +171,14 @@ class Checkpointer:
         ocp.multihost.sync_global_processes("mefem_jax_set_aside_unreadable_checkpoints")
         self.manager.reload()
 
+    def read_counters(self, step: int) -> dict:
+        """The counters saved with `step`; {} for a checkpoint written before they were saved."""
+        try:
+            args = ocp.args.Composite(counters=ocp.args.JsonRestore())
+            return dict(self.manager.restore(step, args=args).counters)
+        except Exception:  # noqa: BLE001 - absent in older checkpoints
+            return {}
+
     def _read_config(self, step: int) -> dict | None:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
@@ -149,8 +199,23 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
                 problems.append(f"{section}.{key}: checkpoint has {old!r}, this run has {new!r}")
     if problems:
         raise IncompatibleCheckpointError(
-            "the workdir holds checkpoints of a different model; use a new --workdir or restore the settings:\n  "
-            + "\n  ".join(problems))
+            "the workdir holds checkpoints of a different model; use a new --workdir or restore the settings: "
+            + "; ".join(problems))
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost OSError of the chain (ENOSPC, EACCES), else the error's own first line, kept short."""
+    seen, found = error, None
+    while seen is not None:
+        if isinstance(seen, OSError):
+            found = seen
+        seen = seen.__cause__ or seen.__context__
+    chosen = found or error
+    lines = str(chosen).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > 300:  # tensorstore puts the OS cause (ENOSPC, EACCES) at the end of a long line
+        text = "..." + text[-300:]
+    return f"{type(chosen).__name__}: {text}"
 
 
 def with_shardings(abstract, shardings):
