@@ -9,15 +9,23 @@ on any machine; point `data.train` at a shard folder (`python -m mefem_jax.data.
 checkpoints/ (Orbax: train state + data iterator + config), and plots/loss.png at the end. Re-running
 the same command resumes from the newest complete checkpoint; SIGTERM (preemption) saves before exit.
 
+One run per workdir (workdir_lock.py). Exit codes, for schedulers: 0 finished, 3 preempted and saved
+(re-run the same command to resume), 2 bad input (flags, config, data, workdir contents), 1 failed
+(NaN loss, a failed save, a locked workdir, unreadable checkpoints). Every failure is one line on
+stderr, `train: ...`; `--debug` keeps the traceback.
+
 The loop does no host work per step beyond fetching the next batch: metrics stay on device and are
 pulled only every `log_every` steps (and before each save), where the loss is checked for NaN/Inf.
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
 import logging as logging_std
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -29,10 +37,13 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from mefem_jax import sharding
-from mefem_jax.checkpoint import Checkpointer, with_shardings
+from mefem_jax.checkpoint import Checkpointer, checkpoint_dir, with_shardings
+from mefem_jax.config import validate_config
+from mefem_jax.config_checks import ConfigError
 from mefem_jax.data.pipeline import make_train_iterator
-from mefem_jax.metric_writer import MetricWriter, plot_loss
+from mefem_jax.metric_writer import MetricWriter, plot_loss, read_metrics
 from mefem_jax.run_setup import prepare
+from mefem_jax.workdir_lock import LOCK_NAME, WorkdirLock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py[:smoke].",
                                           lock_config=True)
@@ -42,9 +53,17 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total processes, with --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Join a multi-host run that jax detects itself (TPU pods).")
+_DEBUG = flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.")
+
+# Exit codes, documented in the README for schedulers.
+EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 3
 
 
 class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class LostCheckpointsError(ValueError):
     pass
 
 
@@ -70,12 +89,61 @@ class Preemption:
 
 
 def train(config, workdir: str | Path) -> dict:
-    """Runs (or resumes) the run in `workdir` up to `config.total_steps`; returns the last logged metrics."""
+    """Runs (or resumes) the run in `workdir` up to `config.total_steps`; returns the last logged metrics
+    with `step` (the last step done and saved) and `preempted` (stopped by a signal after saving)."""
+    validate_config(config)  # before the workdir is touched: a bad config leaves nothing behind
     workdir = epath.Path(workdir)
     is_lead = jax.process_index() == 0
+    local = "://" not in str(workdir)
+    created = is_lead and local and not workdir.exists()
     if is_lead:
         workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir) if is_lead else contextlib.nullcontext():
+        try:
+            return _train_locked(config, workdir, is_lead)
+        except BaseException:
+            if created:
+                _remove_if_untouched(workdir)
+            raise
 
+
+def _remove_if_untouched(workdir) -> None:
+    """A run that failed before writing anything leaves no empty workdir of its own making behind.
+    (Local paths only; never raises, so the error that stopped the run is the one reported.)"""
+    workdir = Path(str(workdir))
+    with contextlib.suppress(OSError):
+        if not any((workdir / "checkpoints").iterdir()):  # Orbax creates it before anything is saved
+            (workdir / "checkpoints").rmdir()
+    with contextlib.suppress(OSError):
+        if {p.name for p in workdir.iterdir()} == {LOCK_NAME}:
+            (workdir / LOCK_NAME).unlink()
+            workdir.rmdir()
+
+
+def _refuse_lost_checkpoints(workdir) -> None:
+    """Metrics without any checkpoint (or save in flight) mean the checkpoints were deleted: a fresh
+    start would silently drop the logged history. (Called before Orbax cleans interrupted saves away.)"""
+    metrics = workdir / "metrics.jsonl"
+    if not metrics.exists():
+        return
+    logged = [r["step"] for r in read_metrics(metrics) if r.get("step", 0) > 0]
+    ckpt_dir = checkpoint_dir(workdir)
+    if not logged or (ckpt_dir.exists() and any(ckpt_dir.iterdir())):
+        return
+    raise LostCheckpointsError(f"{metrics} logs steps up to {max(logged)} but {ckpt_dir} holds no checkpoint; "
+                               "restore the checkpoints, or start afresh in a new --workdir (or after "
+                               "removing metrics.jsonl)")
+
+
+def _check_total(total: int, start: int, workdir) -> None:
+    if total < start:
+        raise ConfigError(f"total_steps={total} is not allowed; allowed: >= {start}, the step of the newest "
+                          f"checkpoint in {workdir} that this run resumes from")
+
+
+def _train_locked(config, workdir, is_lead: bool) -> dict:
+    if is_lead:
+        _refuse_lost_checkpoints(workdir)
     run = prepare(config)
     sharding.log_mesh(run.mesh)
     pieces, batch_sh, batch_size = run.pieces, run.batch_sharding, run.batch_size
@@ -84,7 +152,14 @@ def train(config, workdir: str | Path) -> dict:
                                   process_count=jax.process_count())
 
     ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
-    state, start = ckpt.restore_latest(with_shardings(run.abstract_state, run.state_sharding), data_it, config)
+    total = int(config.total_steps)
+    try:
+        state, start = ckpt.restore_latest(with_shardings(run.abstract_state, run.state_sharding), data_it, config)
+        _check_total(total, start, workdir)
+    except BaseException:  # a refused resume stops Orbax's and Grain's threads too
+        ckpt.close()
+        data_it.close()
+        raise
     if is_lead:  # after the compatibility check: a refused resume leaves the run's config.json alone
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     if state is None:
@@ -98,15 +173,15 @@ def train(config, workdir: str | Path) -> dict:
     if start == 0 and config.eval.every_steps:
         # Probe the encoder before its first update, so every learning curve starts at its own random init.
         writer.write(0, _probe(pieces, state, config))
-    total = int(config.total_steps)
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not is_lead)
-    last: dict = {}
-    stats = DataStats()
+    last: dict = {"step": start, "preempted": False}  # what a run that has nothing left to do reports
+    stats = DataStats(**(ckpt.read_counters(start) if start else {}))
     t_log, n_log, compile_s = time.perf_counter(), 0, None
     stall_s = 0.0  # seconds blocked in ckpt.save since the last metrics row
     try:
         with Preemption() as preempt:
             for step in range(start, total):
+                ckpt.check()  # an asynchronous save that failed stops the run now, naming its step
                 batch = next(data_it)
                 stats.update(batch)
                 images = sharding.global_batch(np.asarray(batch["image"]), batch_sh)
@@ -130,13 +205,13 @@ def train(config, workdir: str | Path) -> dict:
                     # The loop waits here for the device-to-host copy and for the previous async save to
                     # finish; the writing itself overlaps the next steps. Logged as ckpt_stall_s.
                     t_save = time.perf_counter()
-                    ckpt.save(done, state, data_it, config, force=True)
+                    ckpt.save(done, state, data_it, config, force=True, counters=stats.as_dict())
                     stall_s += time.perf_counter() - t_save
                 probe = {}
                 if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
                     probe = _probe(pieces, state, config)
                     t_log += probe["probe_seconds"]  # keep the probe's time out of img/s
-                if done % config.log_every == 0 or done == total or probe:
+                if done % config.log_every == 0 or done == total or probe or stop:  # a row at the saved step
                     metrics = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t_log
                     row = {k: float(v) for k, v in metrics.items()}
@@ -145,7 +220,7 @@ def train(config, workdir: str | Path) -> dict:
                     writer.write(done, row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                     img_s=f"{row['img_per_sec']:.0f}")
-                    last = dict(row, step=done)
+                    last = dict(row, step=done, preempted=stop)
                     t_log, n_log, stall_s = time.perf_counter(), 0, 0.0
                 if stop:
                     logging.warning("preempted: saved step %d, exiting", done)
@@ -196,9 +271,9 @@ def _init_encoder_from(state, config, state_sh):
 class DataStats:
     """Running counts of what the input pipeline delivered and skipped (bad records never crash a run)."""
 
-    def __init__(self):
-        self.decoded = 0
-        self.skipped = 0
+    def __init__(self, data_decoded: int = 0, data_skipped: int = 0):  # as_dict()'s keys: saved, restored
+        self.decoded = int(data_decoded)
+        self.skipped = int(data_skipped)
 
     def update(self, batch: dict) -> None:
         self.decoded += int(np.shape(batch["image"])[0])
@@ -220,11 +295,55 @@ def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
-    summary = train(_CONFIG.value, _WORKDIR.value)
-    print(json.dumps({k: summary[k] for k in ("step", "loss", "img_per_sec") if k in summary}))
+        raise app.UsageError("--workdir is required", exitcode=EXIT_BAD_INPUT)
+    try:
+        sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                        _MULTIHOST.value)
+        summary = train(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, OSError, RuntimeError) as e:  # the project's own errors and disk/permission/lock
+        if _DEBUG.value:
+            raise
+        return _fail(e)
+    preempted = summary.pop("preempted", False)
+    print(json.dumps(dict({k: summary[k] for k in ("step", "loss", "img_per_sec") if k in summary},
+                          status="preempted" if preempted else "finished")))
+    return EXIT_PREEMPTED if preempted else EXIT_FINISHED
+
+
+def _fail(error: BaseException) -> int:
+    """One line on stderr; bad input (flags, config, data, workdir contents) is 2, anything else 1."""
+    print(f"train: {_one_line(str(error))}", file=sys.stderr, flush=True)
+    bad_input = isinstance(error, (ValueError, FileNotFoundError))
+    return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
+
+
+def _one_line(message: str) -> str:
+    if "Traceback (most recent call last)" in message:  # absl embeds a config file's traceback
+        lines = [line for line in message.splitlines() if line.strip()]
+        message = f"{lines[0]} {lines[-1]}"
+    return " ".join(message.split())
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag, config file or `--config.key` typo as one line (exit 2).
+
+    ml_collections raises a raw AttributeError (in three chained tracebacks) for an unknown config key.
+    """
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value  # noqa: B018 - the config file is loaded lazily; a missing one fails here, not later
+        return rest
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+        if "--debug" in argv:
+            raise
+        message = str(e)
+        if isinstance(e, (AttributeError, KeyError)):  # its text is the repr of a KeyError's message
+            with contextlib.suppress(ValueError, SyntaxError):
+                message = str(ast.literal_eval(message))
+            message = f"unknown config key {message}"
+        print(f"train: {_one_line(message)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
