@@ -29,7 +29,8 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mefem_jax import hlo_collectives, tpu_topologies  # noqa: E402
+from mefem_jax import cli, hlo_collectives, tpu_topologies  # noqa: E402
+from mefem_jax.config import validate_config  # noqa: E402
 from mefem_jax.flops import step_flops  # noqa: E402
 from mefem_jax.models.vit import encoder_dims  # noqa: E402
 from mefem_jax.run_setup import prepare  # noqa: E402
@@ -41,6 +42,7 @@ _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the i
 _FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Also search the largest global batch that fits.")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 6, "Compiles the batch search may spend.")
 _JSON = flags.DEFINE_string("json", None, "Write the report here as JSON.")
+_DEBUG = flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.")
 
 LEVERS = ("--config.mesh.fsdp=N (shard parameters and optimizer state over N devices), "
           "--config.model.remat=True (recompute activations in the backward pass), "
@@ -248,19 +250,22 @@ def main(argv) -> int:
         tpu = tpu_topologies.parse(_TOPOLOGY.value, _NUM_SLICES.value)
     except tpu_topologies.UnknownTopologyError as e:
         print(f"compile_check: {e}", file=sys.stderr)
-        return 2
+        return cli.EXIT_BAD_INPUT
     config = _CONFIG.value
     # An executable compiled for a described slice cannot be reloaded from jax's disk cache (no TPU
     # client here), so a cache the user configured for training would only collect warnings.
     jax.config.update("jax_enable_compilation_cache", False)
     devices = tpu_topologies.devices(tpu)
     try:
+        validate_config(config)  # the checks train runs at start-up: a bad value is one line here too
         report = check(config, tpu, devices, _MFU.value)
         if _FIND_MAX.value:
             report["max_batch_search"] = find_max_batch(config, tpu, devices, _MAX_COMPILES.value, _MFU.value)
     except ValueError as e:  # the run's own checks: a mesh that does not tile the slice, an odd batch, ...
-        print(f"compile_check: {tpu.describe()}: {e}", file=sys.stderr)
-        return 2
+        if _DEBUG.value:
+            raise
+        print(f"compile_check: {tpu.describe()}: {cli.one_line(str(e))}", file=sys.stderr)
+        return cli.EXIT_BAD_INPUT
     print(format_report(report))
     if "max_batch_search" in report:
         s = report["max_batch_search"]
@@ -277,9 +282,9 @@ def main(argv) -> int:
                      f"its temporaries alone need {_gib(temps)} per device" if temps else "XLA could not place it")
         print(f"compile_check: does not fit {tpu.describe()}: {need_text}, HBM is "
               f"{_gib(report['hbm_bytes'])}. Levers: {LEVERS}", file=sys.stderr)
-        return 1
-    return 0
+        return cli.EXIT_FAILED
+    return cli.EXIT_FINISHED
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser("compile_check", _CONFIG))

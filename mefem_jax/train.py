@@ -19,7 +19,6 @@ pulled only every `log_every` steps (and before each save), where the loss is ch
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
 import logging as logging_std
@@ -36,7 +35,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from mefem_jax import sharding
+from mefem_jax import cli, sharding
+from mefem_jax.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_FINISHED, EXIT_PREEMPTED  # documented in README
 from mefem_jax.checkpoint import Checkpointer, checkpoint_dir, with_shardings
 from mefem_jax.config import validate_config
 from mefem_jax.config_checks import ConfigError
@@ -55,8 +55,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, wi
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Join a multi-host run that jax detects itself (TPU pods).")
 _DEBUG = flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.")
 
-# Exit codes, documented in the README for schedulers.
-EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -312,38 +310,10 @@ def main(argv):
 
 def _fail(error: BaseException) -> int:
     """One line on stderr; bad input (flags, config, data, workdir contents) is 2, anything else 1."""
-    print(f"train: {_one_line(str(error))}", file=sys.stderr, flush=True)
+    print(f"train: {cli.one_line(str(error))}", file=sys.stderr, flush=True)
     bad_input = isinstance(error, (ValueError, FileNotFoundError))
     return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
 
 
-def _one_line(message: str) -> str:
-    if "Traceback (most recent call last)" in message:  # absl embeds a config file's traceback
-        lines = [line for line in message.splitlines() if line.strip()]
-        message = f"{lines[0]} {lines[-1]}"
-    return " ".join(message.split())
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag, config file or `--config.key` typo as one line (exit 2).
-
-    ml_collections raises a raw AttributeError (in three chained tracebacks) for an unknown config key.
-    """
-    try:
-        rest = flags.FLAGS(argv)
-        _CONFIG.value  # noqa: B018 - the config file is loaded lazily; a missing one fails here, not later
-        return rest
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
-        if "--debug" in argv:
-            raise
-        message = str(e)
-        if isinstance(e, (AttributeError, KeyError)):  # its text is the repr of a KeyError's message
-            with contextlib.suppress(ValueError, SyntaxError):
-                message = str(ast.literal_eval(message))
-            message = f"unknown config key {message}"
-        print(f"train: {_one_line(message)}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.flags_parser("train", _CONFIG))
