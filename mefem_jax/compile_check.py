@@ -35,15 +35,6 @@ from mefem_jax.flops import step_flops  # noqa: E402
 from mefem_jax.models.vit import encoder_dims  # noqa: E402
 from mefem_jax.run_setup import prepare  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py.", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU slice, e.g. v5p-64, v5e-16, v6e-16, v4-32.")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-centre network (multi-slice).")
-_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the images/s estimate.")
-_FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Also search the largest global batch that fits.")
-_MAX_COMPILES = flags.DEFINE_integer("max_compiles", 6, "Compiles the batch search may spend.")
-_JSON = flags.DEFINE_string("json", None, "Write the report here as JSON.")
-_DEBUG = flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.")
-
 LEVERS = ("--config.mesh.fsdp=N (shard parameters and optimizer state over N devices), "
           "--config.model.remat=True (recompute activations in the backward pass), "
           "or a smaller --config.data.batch_size")
@@ -241,28 +232,44 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _define_flags():
+    """Defined when run as a program only: train.py defines `--config` too, and both are imported by
+    the tests (absl refuses a flag defined twice in one process)."""
+    config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py.",
+                                             lock_config=True)
+    flags.DEFINE_string("topology", None, "Cloud TPU slice, e.g. v5p-64, v5e-16, v6e-16, v4-32.")
+    flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-centre network (multi-slice).")
+    flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the images/s estimate.")
+    flags.DEFINE_bool("find_max_batch", False, "Also search the largest global batch that fits.")
+    flags.DEFINE_integer("max_compiles", 6, "Compiles the batch search may spend.")
+    flags.DEFINE_string("json", None, "Write the report here as JSON.")
+    flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.")
+    return config
+
+
 def main(argv) -> int:
+    f = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _TOPOLOGY.value is None:
+    if f.config is None or f.topology is None:
         raise app.UsageError("--config and --topology are required")
     try:
-        tpu = tpu_topologies.parse(_TOPOLOGY.value, _NUM_SLICES.value)
+        tpu = tpu_topologies.parse(f.topology, f.num_slices)
     except tpu_topologies.UnknownTopologyError as e:
         print(f"compile_check: {e}", file=sys.stderr)
         return cli.EXIT_BAD_INPUT
-    config = _CONFIG.value
+    config = f.config
     # An executable compiled for a described slice cannot be reloaded from jax's disk cache (no TPU
     # client here), so a cache the user configured for training would only collect warnings.
     jax.config.update("jax_enable_compilation_cache", False)
     devices = tpu_topologies.devices(tpu)
     try:
         validate_config(config)  # the checks train runs at start-up: a bad value is one line here too
-        report = check(config, tpu, devices, _MFU.value)
-        if _FIND_MAX.value:
-            report["max_batch_search"] = find_max_batch(config, tpu, devices, _MAX_COMPILES.value, _MFU.value)
+        report = check(config, tpu, devices, f.mfu)
+        if f.find_max_batch:
+            report["max_batch_search"] = find_max_batch(config, tpu, devices, f.max_compiles, f.mfu)
     except ValueError as e:  # the run's own checks: a mesh that does not tile the slice, an odd batch, ...
-        if _DEBUG.value:
+        if f.debug:
             raise
         print(f"compile_check: {tpu.describe()}: {cli.one_line(str(e))}", file=sys.stderr)
         return cli.EXIT_BAD_INPUT
@@ -272,8 +279,8 @@ def main(argv) -> int:
         bound = f"the smallest that does not: {s['smallest_failing']}" if s["smallest_failing"] else "none failed"
         print(f"  largest global batch that fits: {s['max_batch']} ({bound}; {s['compiles']} compiles"
               + ("" if s["exact"] else f", bracket still wider than {s['rel_tol']:.0%}") + ")")
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
+    if f.json:
+        with open(f.json, "w") as f:
             json.dump(report, f, indent=2, sort_keys=True)
     if not report["fits"]:
         peak = report.get("per_device_bytes", {}).get("peak")
@@ -287,4 +294,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser("compile_check", _CONFIG))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser("compile_check", _define_flags()))
