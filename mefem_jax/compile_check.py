@@ -52,6 +52,11 @@ def compile_step(run):
 
 def check(config, tpu: tpu_topologies.Slice, devices: list | None = None, mfu: float = 0.4) -> dict:
     """Compiles one train step of `config` for `tpu`; the report dict (see module docstring)."""
+    return check_with_executable(config, tpu, devices, mfu)[0]
+
+
+def check_with_executable(config, tpu: tpu_topologies.Slice, devices: list | None = None, mfu: float = 0.4):
+    """(report, compiled executable or None when XLA refused): for callers that inspect the program."""
     devices = devices if devices is not None else tpu_topologies.devices(tpu)
     run = prepare(config, devices)
     gen = tpu.generation
@@ -69,7 +74,7 @@ def check(config, tpu: tpu_topologies.Slice, devices: list | None = None, mfu: f
     report["compile_s"] = time.perf_counter() - t0
     if isinstance(compiled, str):  # XLA refused: the step needs more HBM than the chip has
         report.update(fits=False, compiler_refused=True, compiler_message=compiled, **_refusal_sizes(compiled))
-        return report
+        return report, None
     mem = compiled.memory_analysis()
     per_device = {
         "argument": mem.argument_size_in_bytes, "output": mem.output_size_in_bytes,
@@ -89,7 +94,7 @@ def check(config, tpu: tpu_topologies.Slice, devices: list | None = None, mfu: f
         collectives=hlo_collectives.count(compiled.as_text()),
         input_shardings=_shardings_summary(compiled),
     )
-    return report
+    return report, compiled
 
 
 def find_max_batch(config, tpu: tpu_topologies.Slice, devices: list | None = None, max_compiles: int = 6,

@@ -73,7 +73,7 @@ def test_megacore_and_multislice_devices():
 def test_fsdp_step_on_v5e_fits_with_rule_shardings_and_fsdp_collectives(v5e_4):
     tpu, devices = v5e_4
     config = tiny_config(fsdp=4)
-    r = compile_check.check(config, tpu, devices)
+    r, compiled = compile_check.check_with_executable(config, tpu, devices)
     b = r["per_device_bytes"]
     assert r["fits"] and 0 < b["argument"] <= b["peak"] < tpu.generation.hbm_bytes
     assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4}
@@ -82,7 +82,6 @@ def test_fsdp_step_on_v5e_fits_with_rule_shardings_and_fsdp_collectives(v5e_4):
     from mefem_jax.run_setup import prepare
 
     run = prepare(config, devices)
-    compiled = run.step.lower(*run.abstract_inputs()).compile()
     got = jax.tree.map(lambda s: s.spec, compiled.input_shardings[0][0].params)
     want = sharding.param_specs(run.abstract_state.params, 4, min_fsdp_size=256)
     assert jax.tree.map(lambda a, b: sharding.P(*a) == b, got, want,
