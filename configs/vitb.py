@@ -5,13 +5,18 @@
 
 Recipe: I-JEPA's (DESIGN.md 3.5) with MeFEm's axial-stripe masking, circular loss weighting and CLS
 reassignment switched on. Batch 2048 for ~150k steps is ~300 epochs of a 1M-face corpus.
+
+Remat is on: without it the step at batch 2048 needs 19 GiB of temporaries per chip on a v5e-16 and
+does not fit its 16 GiB (largest batch 1,568); with it the peak is a few GiB. On a v5p-64 the step fits
+either way, and `--config.model.remat=False` saves the extra forward pass (README "Scaling out";
+check any slice with `python -m mefem_jax.compile_check --config=configs/vitb.py --topology=...`).
 """
 from mefem_jax.config import base_config, finish
 
 
 def get_config(arg=None):
     c = base_config()
-    c.model.variant = "B"
+    c.model.update(variant="B", remat=True)
     c.predictor.update(width=384, depth=6)
     c.data.batch_size = 2048
     c.total_steps = 150_000

@@ -75,7 +75,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """
     c.total_steps = 200
     c.log_every = 10
-    c.model.update(image_size=112, width=128, depth=4, heads=4, dtype="float32")
+    c.model.update(image_size=112, width=128, depth=4, heads=4, dtype="float32", remat=False)
     c.predictor.update(width=64, depth=2, heads=4)
     c.data.batch_size = 32
     c.optim.update(ref_batch=32, lr=1.5e-3, start_lr=2e-4, final_lr=1e-5, warmup_steps=20)
@@ -109,7 +109,7 @@ def apply_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """
     c.total_steps = 600
     c.log_every = 25
-    c.model.update(image_size=112, patch_size=8, width=128, depth=4, heads=4, dtype="float32")
+    c.model.update(image_size=112, patch_size=8, width=128, depth=4, heads=4, dtype="float32", remat=False)
     c.predictor.update(width=64, depth=2, heads=4)
     c.data.batch_size = 64
     c.optim.update(ref_batch=2048, lr=1e-3, start_lr=0.0, final_lr=1e-6, warmup_steps=60, ema=(0.99, 0.999))
