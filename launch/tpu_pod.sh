@@ -27,6 +27,7 @@ readonly REMOTE_RUN=mefem_jax_run        # train.log, train.pid (process group),
 readonly RUN="\$HOME/$REMOTE_RUN"         # ... as the workers' shell spells it
 readonly SRC_TARBALL=mefem_jax-src.tar.gz
 readonly POLL_SECONDS=60                 # queued resources: how often to ask whether it is ACTIVE
+readonly LOCAL_PYTHON=${PYTHON:-python3}  # this machine's, for the HBM fit check before creating
 
 usage() {
   cat <<'EOF'
@@ -42,8 +43,11 @@ Subcommands
   logs      follow one worker's training log (default worker 0) until the run ends
   stop      SIGTERM the training on every worker: it saves a checkpoint, then exits
   delete    delete the TPU VM or queued resource
-  all       create, install, train in the foreground, then delete -- also when training fails
-            or is interrupted with Ctrl-C (the workdir on gs:// keeps checkpoints and metrics)
+  all       check, create, install, train in the foreground, then delete -- also when training
+            fails or is interrupted with Ctrl-C (the workdir on gs:// keeps checkpoints and metrics).
+            The check compiles the train step for the slice on this machine first
+            (mefem_jax.compile_check, needs libtpu here: pip install -e ".[tpu]") and stops
+            before anything is created if it does not fit in HBM
 
 Options (every subcommand accepts all of them, so one set of flags serves the whole life cycle)
   --name=NAME              TPU name: lower-case letters, digits and '-'                [required]
@@ -68,6 +72,7 @@ Options (every subcommand accepts all of them, so one set of flags serves the wh
   --env=KEY=VALUE          exported on every worker before training, repeatable
   --foreground             train: stay attached and stream every worker's output
   --worker=N               logs: which worker to follow (default 0)
+  --no-check               all: skip the HBM fit check before creating the slice
   --dry-run                print every command, run none
   -h, --help               this text
 
@@ -231,7 +236,24 @@ cmd_delete() {
   fi
 }
 
+# Before paying for the slice: compile the run for it here, and stop if it cannot fit in HBM.
+preflight_check() {
+  local overrides=() arg
+  if ((NO_CHECK)); then return; fi
+  if ((!DRY_RUN)) && ! "$LOCAL_PYTHON" -c 'import libtpu' 2>/dev/null; then
+    warn "libtpu is not installed here, so the HBM fit is not checked before creating" \
+      "(pip install -e '.[tpu]', or pass --no-check)"
+    return
+  fi
+  for arg in "${TRAIN_ARGS[@]}"; do
+    if [[ $arg == --config.* ]]; then overrides+=("$arg"); fi
+  done
+  (cd "$ROOT" && run "$LOCAL_PYTHON" -m mefem_jax.compile_check "--config=$CONFIG" \
+    "--topology=$ACCELERATOR" "${overrides[@]}")
+}
+
 cmd_all() {
+  preflight_check
   create_resource
   TEARDOWN=1 # from here on, on_exit deletes the TPU (or the queued request) whatever happens
   if ((QUEUED)); then wait_until_active; fi
@@ -278,7 +300,7 @@ parse_args() {
     case $opt in
       --) TRAIN_ARGS=("$@"); break ;;
       -h | --help) usage; exit 0 ;;
-      --dry-run | --queued | --spot | --preemptible | --foreground)
+      --dry-run | --queued | --spot | --preemptible | --foreground | --no-check)
         if ((has_value)); then die "$opt takes no value"; fi ;;
       --name | --zone | --project | --accelerator-type | --version | --create-arg | --install-from | \
         --python-version | --config | --workdir | --env | --worker)
@@ -292,6 +314,7 @@ parse_args() {
     esac
     case $opt in
       --dry-run) DRY_RUN=1 ;;
+      --no-check) NO_CHECK=1 ;;
       --queued) QUEUED=1 ;;
       --spot) SPOT=1 ;;
       --preemptible) PREEMPTIBLE=1 ;;
@@ -387,7 +410,7 @@ validate() {
 main() {
   SUBCOMMAND="" NAME="" ZONE="" PROJECT="" ACCELERATOR="" VERSION="" INSTALL_FROM=local
   PYTHON_VERSION=3.11 CONFIG=configs/vitb.py WORKDIR="" LOG_WORKER=0
-  DRY_RUN=0 QUEUED=0 SPOT=0 PREEMPTIBLE=0 FOREGROUND=0
+  DRY_RUN=0 NO_CHECK=0 QUEUED=0 SPOT=0 PREEMPTIBLE=0 FOREGROUND=0
   CREATE_ARGS=() ENV_VARS=() TRAIN_ARGS=() SCOPE=()
   STAGE="" TEARDOWN=0
   parse_args "$@"

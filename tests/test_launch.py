@@ -205,6 +205,29 @@ def test_tpu_dry_run_prints_every_step_and_calls_nothing(tripwires):
     assert delete[4:] == ["delete", "mefem-test", "--quiet", "--zone=us-east5-a"]
 
 
+def test_tpu_all_checks_the_hbm_fit_before_creating(tripwires):
+    """`all` first compiles the run for the slice here (compile_check), with the training's --config.*
+    overrides and nothing else, before any gcloud call."""
+    result = run(TPU, "all", "--dry-run", *POD, "--", *TRICKY_ARGS, "--debug", env=tripwires.env())
+    assert result.returncode == 0, result.stderr
+    first = traced(result.stderr)[0]
+    assert first[1:5] == ["-m", "mefem_jax.compile_check", "--config=configs/vitb.py", "--topology=v5p-64"]
+    assert first[5:] == [a for a in TRICKY_ARGS if a.startswith("--config.")]
+
+
+def test_tpu_all_stops_before_creating_a_slice_the_run_cannot_fit(recorders):
+    """A real compile for a v5e-4: a batch whose activations exceed 16 GiB per chip ends the launch
+    with compile_check's status and line, and gcloud is never called."""
+    pytest.importorskip("libtpu", reason="the fit check needs the tpu extra")
+    pod = ["--name=mefem-test", "--zone=us-east5-a", "--accelerator-type=v5e-4", "--workdir=gs://bucket/run",
+           "--config=configs/vits.py:smoke"]
+    result = run(TPU, "all", *pod, "--", "--config.data.batch_size=1048576",
+                 env=recorders.env(PYTHON=sys.executable))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "compile_check: does not fit v5e-4" in result.stderr
+    assert recorders.calls() == []
+
+
 def _worker_home(tmp_path: Path) -> Path:
     """A worker's home as `install` leaves it, with a venv python that records how it is run."""
     home = tmp_path / "home"
@@ -310,7 +333,7 @@ def test_tpu_refuses_a_second_run_and_stop_terminates_the_first(tripwires, tmp_p
 
 
 def test_tpu_all_runs_create_install_train_delete_in_order(recorders):
-    result = run(TPU, "all", *POD, "--", *TRICKY_ARGS, env=recorders.env())
+    result = run(TPU, "all", "--no-check", *POD, "--", *TRICKY_ARGS, env=recorders.env())
     assert result.returncode == 0, result.stderr
     calls = recorders.calls()
     assert gcloud_steps(calls) == ["create", "scp", "ssh", "ssh", "delete"]
@@ -331,7 +354,7 @@ def test_tpu_all_runs_create_install_train_delete_in_order(recorders):
     ("uv pip install", ["create", "scp", "ssh", "delete"]),
 ], ids=["training-fails", "install-fails"])
 def test_tpu_all_deletes_the_tpu_when_a_step_fails(recorders, failing, steps):
-    result = run(TPU, "all", *POD, env=recorders.env(FAKE_FAIL_ON=failing))
+    result = run(TPU, "all", "--no-check", *POD, env=recorders.env(FAKE_FAIL_ON=failing))
     assert result.returncode != 0
     assert gcloud_steps(recorders.calls()) == steps
     assert "tearing down mefem-test" in result.stderr
@@ -352,7 +375,7 @@ def test_tpu_queued_resource_create_waits_for_active_and_delete_forces(recorders
 
 
 def test_tpu_all_deletes_a_queued_request_that_failed(recorders):
-    result = run(TPU, "all", "--queued", *POD, env=recorders.env(FAKE_STATE="FAILED"))
+    result = run(TPU, "all", "--no-check", "--queued", *POD, env=recorders.env(FAKE_STATE="FAILED"))
     assert result.returncode != 0
     assert "queued resource mefem-test is FAILED" in result.stderr
     assert [c[3:5] for c in recorders.calls()] == [
