@@ -9,8 +9,9 @@ call graph from the entry computation, multiplying by each loop's trip count, an
 * an `all-reduce` inside a computation XLA:TPU named `all-reduce-scatter...` is that fusion's
   reduce-scatter.
 
-Bytes are the full (unsharded) buffer of each call: the largest array among its result and operands,
-i.e. the gathered result of an all-gather and the summed input of a reduce-scatter. Trip counts come
+Bytes are the full (unsharded) buffers of each call, the larger of its results and its operands summed
+over a combined collective's arrays: the gathered result of an all-gather, the input of a
+reduce-scatter, every gradient of a combined all-reduce. Trip counts come
 from the loop condition's single integer constant; a loop whose count cannot be read is counted once and
 flagged in `uncounted_loops`.
 """
@@ -41,6 +42,17 @@ def _array_bytes(shape_text: str) -> list[int]:
             n *= int(d)
         sizes.append(n * _DTYPE_BYTES[dtype])
     return sizes
+
+
+def _buffer_bytes(opcode: str, shape: str, operands: list[str]) -> int:
+    """The full buffers one collective moves: the larger of its results and its operands, summed over
+    the arrays of a combined (tuple) collective. An async `-start` returns (operands..., results...),
+    so its results are what its tuple holds beyond the operands."""
+    ins = sum(b for s in operands for b in _array_bytes(s))
+    outs = sum(_array_bytes(shape))
+    if opcode.endswith("-start"):
+        outs -= ins
+    return max(ins, outs)
 
 
 def _parse(text: str):
@@ -95,7 +107,7 @@ def count(hlo_text: str) -> dict:
                 if kind == "all-reduce" and in_reduce_scatter:
                     kind = "reduce-scatter"
                 operands = [shapes.get(o, "") for o in _OPERANDS.findall(rest.split(")")[0])]
-                size = max(_array_bytes(shape) + [b for s in operands for b in _array_bytes(s)] or [0])
+                size = _buffer_bytes(opcode, shape, operands)
                 totals[kind]["count"] += times
                 totals[kind]["bytes"] += times * size
             callees = dict((k, v) for k, v in _CALLEES.findall(rest) if k != "to_apply")

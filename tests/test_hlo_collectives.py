@@ -67,3 +67,22 @@ def test_a_loop_of_unknown_length_is_counted_once_and_flagged():
     got = hlo_collectives.count(text)
     assert got["all-gather"]["count"] == 1
     assert got["uncounted_loops"] == 1
+
+
+def test_a_combined_all_reduce_counts_every_array_it_carries():
+    text = """\
+HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+ENTRY %main (g1: f32[1000], g2: f32[3000]) -> (f32[1000], f32[3000]) {
+  %g1 = f32[1000]{0} parameter(0)
+  %g2 = f32[3000]{0} parameter(1)
+  ROOT %ar = (f32[1000]{0}, f32[3000]{0}) all-reduce(%g1, %g2), channel_id=1, to_apply=%add
+}
+"""
+    assert hlo_collectives.count(text)["all-reduce"] == {"count": 1, "bytes": 4 * 4000}
