@@ -56,7 +56,7 @@ def run(out: str, max_compiles: int) -> None:
                    "probes": {b: _brief(p) for b, p in search["probes"].items()}}
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(key, compile_check._one_line(at_recipe), "| max batch", search["max_batch"], flush=True)
+            print(key, compile_check.fit_summary(at_recipe), "| max batch", search["max_batch"], flush=True)
 
 
 def _brief(p: dict) -> dict:

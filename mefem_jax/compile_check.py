@@ -20,6 +20,7 @@ import os
 # and libtpu's "no TPU found" warnings never fire). Set before anything imports jax.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -122,7 +123,7 @@ def find_max_batch(config, tpu: tpu_topologies.Slice, devices: list | None = Non
         c = config.copy_and_resolve_references()
         c.data.batch_size = batch
         probes[batch] = check(c, tpu, devices, mfu)
-        logging.info("batch %d: %s", batch, _one_line(probes[batch]))
+        logging.info("batch %d: %s", batch, fit_summary(probes[batch]))
         if probes[batch]["fits"]:
             lo = max(lo, batch)
         else:
@@ -209,7 +210,7 @@ def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
 
-def _one_line(r: dict) -> str:
+def fit_summary(r: dict) -> str:
     if r.get("compiler_refused"):
         return f"does not fit (XLA: {r['compiler_message']})"
     b = r["per_device_bytes"]
@@ -252,6 +253,22 @@ def _define_flags():
     return config
 
 
+def _json_target_problem(path: str) -> str | None:
+    """Why --json cannot be written (checked before minutes of compiling), or None. An existing file is
+    replaced only when it is an earlier report of ours."""
+    if os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return f"--json={path} is a folder, or its folder does not exist"
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                ours = "xla_topology" in json.load(f)
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            return f"--json={path} exists and is not a compile_check report; not replacing it"
+    return None
+
+
 def main(argv) -> int:
     f = flags.FLAGS
     if len(argv) > 1:
@@ -264,6 +281,12 @@ def main(argv) -> int:
         print(f"compile_check: {e}", file=sys.stderr)
         return cli.EXIT_BAD_INPUT
     config = f.config
+    problem = _json_target_problem(f.json) if f.json else None
+    if problem is None and importlib.util.find_spec("libtpu") is None:
+        problem = 'compiling for TPU needs libtpu: pip install -e ".[tpu]"'
+    if problem:
+        print(f"compile_check: {problem}", file=sys.stderr)
+        return cli.EXIT_BAD_INPUT
     # An executable compiled for a described slice cannot be reloaded from jax's disk cache (no TPU
     # client here), so a cache the user configured for training would only collect warnings.
     jax.config.update("jax_enable_compilation_cache", False)
@@ -285,8 +308,8 @@ def main(argv) -> int:
         print(f"  largest global batch that fits: {s['max_batch']} ({bound}; {s['compiles']} compiles"
               + ("" if s["exact"] else f", bracket still wider than {s['rel_tol']:.0%}") + ")")
     if f.json:
-        with open(f.json, "w") as f:
-            json.dump(report, f, indent=2, sort_keys=True)
+        with open(f.json, "w") as out:
+            json.dump(report, out, indent=2, sort_keys=True)
     if not report["fits"]:
         peak = report.get("per_device_bytes", {}).get("peak")
         temps = report.get("temp_required_bytes")

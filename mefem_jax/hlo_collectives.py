@@ -27,7 +27,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->\s*(.*)\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
-_CALLEES = re.compile(r"\b(calls|body|condition|to_apply)=%([\w.\-]+)")
+_CALLEES = re.compile(r"\b(calls|body|condition)=%([\w.\-]+)")  # to_apply: reduction bodies, no collectives
 _CALLEE_LISTS = re.compile(r"\b(?:called_computations|branch_computations)=\{([^}]*)\}")
 _OPERANDS = re.compile(r"%([\w.\-]+)")
 
@@ -110,7 +110,7 @@ def count(hlo_text: str) -> dict:
                 size = _buffer_bytes(opcode, shape, operands)
                 totals[kind]["count"] += times
                 totals[kind]["bytes"] += times * size
-            callees = dict((k, v) for k, v in _CALLEES.findall(rest) if k != "to_apply")
+            callees = dict(_CALLEES.findall(rest))
             if opcode == "while" and "body" in callees:
                 trips = _trip_count(comps.get(callees.get("condition", ""), []))
                 if trips is None:

@@ -165,3 +165,15 @@ def test_find_max_batch_on_real_compiles(v5e_4):
     assert all(p["fits"] == (b <= s["max_batch"]) for b, p in probes.items())  # one boundary
     pts = sorted((b, p["per_device_bytes"]["peak"]) for b, p in probes.items() if "per_device_bytes" in p)
     assert all(p1 > p0 for (_, p0), (_, p1) in zip(pts, pts[1:]))  # more examples, more memory
+
+
+def test_json_never_replaces_a_file_it_did_not_write(tmp_path):
+    """Checked before compiling: a user's file at --json is refused in one line and left as it was."""
+    theirs = tmp_path / "notes.json"
+    theirs.write_text('{"mine": true}')
+    proc = subprocess.run([sys.executable, "-m", "mefem_jax.compile_check", "--config=configs/vits.py:smoke",
+                           "--topology=v5e-4", f"--json={theirs}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("is not a compile_check report; not replacing it")
+    assert theirs.read_text() == '{"mine": true}'
