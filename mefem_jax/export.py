@@ -35,13 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mefem_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from mefem_jax.models.vit import (VARIANTS, encoder_dims, encoder_from_config, sincos_pos_embed, stack_blocks,
                                   trunc_normal, unstack_blocks)
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # An imported sin-cos model must find this table in the file's pos_embed, to this tolerance.
 SINCOS_ATOL = 1e-4

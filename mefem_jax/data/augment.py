@@ -28,9 +28,7 @@ import numpy as np
 from PIL import Image
 
 from mefem_jax.data import decode
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mefem_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 def sample_crop_box(width: int, height: int, rng: np.random.Generator,
