@@ -3,8 +3,8 @@
     python -m mefem_jax.train --config=configs/vitb.py --workdir=gs://bucket/mefem_b
     python -m mefem_jax.train --config=configs/vitb.py:smoke --workdir=/tmp/mefem_smoke   # 2-core CPU, minutes
 
-Recipe: I-JEPA's (DESIGN.md 3.5) with MeFEm's axial-stripe masking, circular loss weighting and CLS
-reassignment switched on. Batch 2048 for ~150k steps is ~300 epochs of a 1M-face corpus.
+The recipe is `mefem_jax.config.base_config`'s: I-JEPA's optimisation (docs/METHOD.md 6) with MeFEm's
+axial-stripe masking, circular loss weighting and CLS reassignment switched on.
 
 Remat is on: without it the step at batch 2048 needs 19 GiB of temporaries per chip on a v5e-16 and
 does not fit its 16 GiB (largest batch 1,568); with it the peak is a few GiB. On a v5p-64 the step fits
@@ -15,10 +15,4 @@ from mefem_jax.config import base_config, finish
 
 
 def get_config(arg=None):
-    c = base_config()
-    c.model.update(variant="B", remat=True)
-    c.predictor.update(width=384, depth=6)
-    c.data.batch_size = 2048
-    c.total_steps = 150_000
-    c.optim.warmup_steps = 20_000
-    return finish(c, arg)
+    return finish(base_config("B", remat=True), arg)

@@ -11,10 +11,4 @@ from mefem_jax.config import base_config, finish
 
 
 def get_config(arg=None):
-    c = base_config()
-    c.model.update(variant="L", remat=True)
-    c.predictor.update(width=384, depth=12)
-    c.data.batch_size = 2048
-    c.total_steps = 150_000
-    c.optim.warmup_steps = 20_000
-    return finish(c, arg)
+    return finish(base_config("L", remat=True, predictor_depth=12), arg)

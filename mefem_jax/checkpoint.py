@@ -24,11 +24,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-# Config sections whose change makes old parameters or optimizer state meaningless for the new run.
-INCOMPATIBLE_KEYS = (
-    ("model", ("variant", "patch_size", "image_size", "posemb", "width", "depth", "heads", "scan_layers")),
-    ("predictor", ("width", "depth", "heads")),
-)
+from mefem_jax.models import predictor, vit
+
+# Config keys whose change makes old parameters or optimizer state meaningless for the new run: the
+# ones each model's schema names as shaping its parameters.
+INCOMPATIBLE_KEYS = (("model", vit.PARAM_SHAPE_KEYS), ("predictor", predictor.PARAM_SHAPE_KEYS))
 # What a key means when a config saved before it existed lacks it.
 ABSENT_MEANS = {("model", "scan_layers"): False}
 

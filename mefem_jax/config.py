@@ -12,27 +12,30 @@ from mefem_jax import config_checks as checks
 from mefem_jax import losses, masking, optim
 from mefem_jax.data.pipeline import default_data_config, validate_data_config
 from mefem_jax.evaluation.online_probe import default_eval_config, validate_eval_config
+from mefem_jax.models.predictor import default_predictor_config
+from mefem_jax.models.vit import default_model_config
 
 
-def base_config() -> ml_collections.ConfigDict:
+def base_config(variant: str = "B", *, remat: bool = False, predictor_depth: int = 6) -> ml_collections.ConfigDict:
+    """The MeFEm recipe at one encoder size (docs/METHOD.md 6): I-JEPA's optimisation at global batch
+    2048 for 150k steps (~300 epochs of a 1M-face corpus) with 20k warm-up steps, MeFEm's stripes,
+    circular weighting and CLS reassignment on. `configs/vit{s,b,l}.py` differ only in the arguments.
+    """
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 100_000
+    c.total_steps = 150_000
     c.log_every = 50
 
-    # Encoder (DESIGN.md 3.1). width/depth/heads = None takes them from the variant.
-    # scan_layers: the blocks as one nn.scan'd stack (models/vit.run_blocks): one compiled block body,
-    # so compiles are 2-4x shorter, and on CPU a faster step (benchmarks/RESULTS.md). Checkpoints hold
-    # the stacked layout; export and evaluation convert, so the timm files are the same either way.
-    c.model = dict(variant="B", patch_size=16, image_size=224, posemb="sincos", dtype="bfloat16",
-                   remat=False, scan_layers=True, width=None, depth=None, heads=None)
-    # Narrow predictor (DESIGN.md 3.2); heads = None uses the encoder's.
-    c.predictor = dict(width=384, depth=6, heads=None)
-
+    c.model = default_model_config()  # models/vit.py documents each key
+    c.model.update(variant=variant, remat=remat)
+    c.predictor = default_predictor_config()
+    c.predictor.depth = predictor_depth
     c.mask = masking.default_mask_config()
     c.loss = losses.default_loss_config()
     c.optim = optim.default_optim_config()
     c.data = default_data_config()
+    c.data.batch_size = 2048
+    c.optim.warmup_steps = 20_000
 
     # Device mesh (sharding.py): sizes of the `data` and `fsdp` axes; -1 takes the remaining devices.
     # Leaves smaller than min_fsdp_size elements stay replicated on the fsdp axis.

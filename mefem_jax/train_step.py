@@ -18,7 +18,7 @@ import optax
 from mefem_jax import jepa, optim
 from mefem_jax.masking import make_masker
 from mefem_jax.models.predictor import predictor_from_config
-from mefem_jax.models.vit import encoder_from_config
+from mefem_jax.models.vit import encoder_from_config, patch_grid
 
 
 @flax.struct.dataclass
@@ -45,8 +45,7 @@ class Pieces:
 def build(config) -> Pieces:
     encoder = encoder_from_config(config.model)
     predictor = predictor_from_config(config.model, config.predictor)
-    grid = (config.model.image_size // config.model.patch_size,) * 2
-    masker = make_masker(config.mask, grid)
+    masker = make_masker(config.mask, patch_grid(config.model))
     batch, steps = config.data.batch_size, config.total_steps
     return Pieces(
         objective=jepa.make_jepa(config, encoder, predictor, masker),

@@ -19,6 +19,7 @@ from PIL import Image
 
 from mefem_jax import losses
 from mefem_jax.masking import make_masker
+from mefem_jax.models.vit import patch_grid
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py.")
 _OUT = flags.DEFINE_string("out", "plots", "Output folder for the PNGs.")
@@ -63,8 +64,7 @@ def mask_figure(config, faces: list[np.ndarray], out_png: Path, seed: int = 0) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = config.model.image_size
-    grid = (size // config.model.patch_size,) * 2
+    grid = patch_grid(config.model)
     fig, axes = plt.subplots(len(STRATEGIES), len(faces), figsize=(2.4 * len(faces), 2.6 * len(STRATEGIES)),
                              squeeze=False)
     for row, strategy in enumerate(STRATEGIES):
@@ -94,7 +94,7 @@ def weights_figure(config, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = (config.model.image_size // config.model.patch_size,) * 2
+    grid = patch_grid(config.model)
     w = losses.loss_weight_grid(config.loss, grid)
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     im = ax.imshow(w, cmap="viridis")

@@ -23,9 +23,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from mefem_jax.models.vit import (compute_dtype, encoder_dims, key_mask, layer_norm, run_blocks,
+from mefem_jax.models.vit import (compute_dtype, encoder_dims, key_mask, layer_norm, patch_grid, run_blocks,
                                   sincos_pos_embed, trunc_normal)
+
+
+def default_predictor_config() -> ml_collections.ConfigDict:
+    """The `predictor` section: I-JEPA's narrow predictor (docs/METHOD.md 3); heads None = the encoder's."""
+    return ml_collections.ConfigDict(dict(width=384, depth=6, heads=None))
+
+
+# The keys that decide the predictor's parameter shapes (see vit.PARAM_SHAPE_KEYS).
+PARAM_SHAPE_KEYS = ("width", "depth", "heads")
 
 
 class Predictor(nn.Module):
@@ -88,14 +98,10 @@ def predictor_from_config(model_cfg, predictor_cfg) -> Predictor:
     predictor_cfg: `width`, `depth`, `heads` (None = the encoder's heads, as in I-JEPA).
     """
     enc_width, _, enc_heads = encoder_dims(model_cfg)
-    if model_cfg.image_size % model_cfg.patch_size:
-        raise ValueError(f"image_size {model_cfg.image_size} is not a multiple of patch "
-                         f"{model_cfg.patch_size}")
-    side = model_cfg.image_size // model_cfg.patch_size
     heads = predictor_cfg.get("heads")
     heads = enc_heads if heads is None else heads
     if predictor_cfg.width % heads:
         raise ValueError(f"predictor width {predictor_cfg.width} is not divisible by heads {heads}")
     return Predictor(out_width=enc_width, width=predictor_cfg.width, depth=predictor_cfg.depth,
-                     heads=heads, grid=(side, side), dtype=compute_dtype(model_cfg.dtype),
+                     heads=heads, grid=patch_grid(model_cfg), dtype=compute_dtype(model_cfg.dtype),
                      remat=bool(model_cfg.remat), scan=bool(model_cfg.get("scan_layers", False)))

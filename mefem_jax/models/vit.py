@@ -1,7 +1,7 @@
 """The ViT encoder: a pre-norm Vision Transformer that is timm's `VisionTransformer` by construction.
 
 Every choice here exists so that a parameter tree trained in JAX exports to a timm
-`vit_*_patch16_*` state dict (see `mefem_jax/export.py`) and reproduces its features:
+`vit_*_patch16_*` state dict (see `models/timm_keys.py`) and reproduces its features:
 
 * pre-norm blocks, LayerNorm eps 1e-6 with the two-pass variance torch uses, fused qkv with
   bias, an MLP with *exact* (erf) GELU, a final LayerNorm; CLS token prepended;
@@ -21,15 +21,44 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from mefem_jax.models.activation_sharding import batch_sharded
 
 # name -> (width, depth, heads), the standard ViT sizes (Dosovitskiy et al.; DeiT for Ti).
 VARIANTS = {"Ti": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    """The `model` section of every config, and the schema every rebuilt encoder starts from.
+
+    Architecture (docs/METHOD.md 2): `variant` picks (width, depth, heads) from VARIANTS; an explicit
+    width/depth/heads overrides it. `posemb` is "sincos" (fixed, timm-exportable) or "learn".
+    Execution: `dtype` is the compute dtype (params stay float32); `remat` recomputes block activations
+    in the backward pass; `scan_layers` runs the blocks as one scanned stack (`run_blocks`): one compiled
+    block body, so compiles are 2-4x shorter and the CPU step faster (benchmarks/RESULTS.md).
+    Checkpoints hold the stacked layout; export and evaluation convert, so timm files are the same.
+    """
+    return ml_collections.ConfigDict(dict(
+        variant="B", patch_size=16, image_size=224, posemb="sincos", width=None, depth=None, heads=None,
+        dtype="bfloat16", remat=False, scan_layers=True))
+
+
+# The keys that decide the parameter tree's shapes: a checkpoint cannot continue under other values.
+PARAM_SHAPE_KEYS = ("variant", "patch_size", "image_size", "posemb", "width", "depth", "heads", "scan_layers")
+
+
+def patch_grid(model_cfg) -> tuple[int, int]:
+    """(rows, cols) of the patch grid: anything with `image_size` and `patch_size` (a config, a ViT)."""
+    if model_cfg.image_size % model_cfg.patch_size:
+        raise ValueError(f"image_size {model_cfg.image_size} is not a multiple of patch {model_cfg.patch_size}")
+    side = model_cfg.image_size // model_cfg.patch_size
+    return side, side
 
 # The std of a unit normal truncated at +-2 sigma. torch's `trunc_normal_(std=.02, a=-2, b=2)`
 # (timm, MAE, I-JEPA) truncates at +-2 in absolute units, i.e. at +-100 sigma: in effect an
@@ -92,7 +121,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         b, t, width = x.shape
         qkv = _dense(3 * width, self.dtype, "qkv")(x)
-        q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.heads, width // self.heads), 2, 0)
+        q, k, v = einops.rearrange(qkv, "b t (qkv h d) -> qkv b t h d", qkv=3, h=self.heads)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H] in and out
         return _dense(width, self.dtype, "proj")(out.reshape(b, t, width))
 
@@ -139,7 +168,7 @@ def run_blocks(x: jax.Array, mask: jax.Array | None, *, depth: int, heads: int, 
     growing with depth, which matters for ViT-L and deeper predictors on pods, and XLA cannot fuse (and
     recompute) gradient chains across blocks, which made the unrolled step slower on CPU
     (benchmarks/RESULTS.md). `stack_blocks` / `unstack_blocks` convert between the two; the timm
-    conversion in export.py always goes through the unrolled one.
+    conversion (timm_keys.py) always goes through the unrolled one.
     `remat` recomputes each block's activations in the backward pass, in either form.
     """
     if scan:
@@ -194,7 +223,7 @@ class PatchEmbed(nn.Module):
         x = nn.Conv(self.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
                     dtype=self.dtype, kernel_init=trunc_normal(),
                     bias_init=nn.initializers.zeros, name="proj")(images)
-        return x.reshape(x.shape[0], -1, self.width)
+        return einops.rearrange(x, "b h w c -> b (h w) c")  # row-major over the grid, as timm flattens
 
 
 class ViT(nn.Module):
@@ -212,10 +241,7 @@ class ViT(nn.Module):
 
     @property
     def grid(self) -> tuple[int, int]:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch {self.patch_size}")
-        side = self.image_size // self.patch_size
-        return side, side
+        return patch_grid(self)
 
     @nn.compact
     def __call__(self, images: jax.Array, patch_idx: jax.Array | None = None,
