@@ -8,7 +8,7 @@ AdamW + EMA update). It follows I-JEPA's `train.py` step:
               z = encoder(images, context sets);  p = predictor(z, context sets, target sets)
               loss = smooth_l1(p, h);  zero_grad; backward; AdamW step;  target <- m*target + (1-m)*encoder
 
-with MeFEm's three additions expressed the same way the JAX step expresses them (DESIGN.md 3.4):
+with MeFEm's three additions expressed the same way the JAX step expresses them (docs/METHOD.md 5):
 the target also carries the CLS token, the loss is weighted per slot (circular weights for patches,
 the CLS flag for the CLS slot), and CLS reassignment hides tokens through an attention key mask.
 
@@ -31,8 +31,8 @@ Differences from official I-JEPA (each needed to match the MeFEm/JAX semantics b
 * AdamW runs torch's `fused=True` kernel (same update rule; on CPU the default per-tensor path is ~5x
   slower), and the EMA uses torch's multi-tensor ops instead of a Python loop over parameters.
 
-timm is imported through `export.import_timm()`, which works on CPU-torch machines with a CUDA
-torchvision build (DESIGN.md section 8).
+timm is imported through `timm_import.import_timm()`, which works on CPU-torch machines with a CUDA
+torchvision build (docs/PLATFORM_NOTES.md).
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from flax import traverse_util
 from torch import nn
 
-from mefem_jax.export import import_timm, jax_to_timm_key, params_to_timm
+from mefem_jax.models.timm_keys import jax_to_timm_key, params_to_timm
+from mefem_jax.timm_import import import_timm
 from mefem_jax.losses import loss_weight_grid
 from mefem_jax.models.predictor import predictor_from_config
 from mefem_jax.models.vit import encoder_dims, sincos_pos_embed, unstack_blocks
@@ -361,7 +362,7 @@ class TorchMeFEm:
 
 
 # The predictor's own (non-block) parameters: JAX path -> (torch key, transform). Its blocks reuse the
-# encoder's block rows of `export.KEY_TABLE`, under the `predictor_blocks.` prefix.
+# encoder's block rows of `models/timm_keys.KEY_TABLE`, under the `predictor_blocks.` prefix.
 _PREDICTOR_KEYS = {
     "predictor_embed/kernel": ("predictor_embed.weight", "dense"),
     "predictor_embed/bias": ("predictor_embed.bias", "identity"),

@@ -417,8 +417,8 @@ def main(argv=None):
         print(report(args.report))
         return
     if not args.skip_torch:
-        from mefem_jax.export import declare_torchvision_ops
-        declare_torchvision_ops()  # before timm is imported (DESIGN.md section 8)
+        from mefem_jax.timm_import import declare_torchvision_ops
+        declare_torchvision_ops()  # before timm is imported (docs/PLATFORM_NOTES.md)
 
     print(f"ViT-{args.variant}/16 {args.image_size}px batch {args.batch} {args.strategy} {args.dtype} "
           f"on {jax.devices()[0].platform} ({os.cpu_count()} cores)", flush=True)

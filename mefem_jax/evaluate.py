@@ -7,7 +7,7 @@
     python -m mefem_jax.evaluate --model=random:vitti@112 --train=synthetic:split=train,limit=512 \\
         --test=synthetic:split=test,limit=256 --targets=face_width:regression --out=/tmp/eval_random
 
---model (see model_spec.py): a weights file, an exported folder, a training workdir, or
+--model (see encoders.py): a weights file, an exported folder, a training workdir, or
 random:vitti|vits|vitb|vitl[@SIZE][:width=..,depth=..,heads=..,seed=..].
 --train / --test / --pairs_data (see evaluation/data.py): an image folder with labels.csv, a CSV, a shard
 folder, synthetic or tfds:NAME, each optionally followed by :key=value options (split=, limit=,
@@ -31,18 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
+from mefem_jax.encoders import load_encoder
 from mefem_jax.evaluation import rankme
 from mefem_jax.evaluation import report as eval_report
+from mefem_jax.evaluation.data import open_eval_data
 from mefem_jax.evaluation.embeddings import (FEATURES, GRID_SIZE, PIXEL_SIZE, cached_embeddings,
                                              default_cache_dir)
-from mefem_jax.evaluation.data import open_eval_data
-from mefem_jax.export import ConversionError
-from mefem_jax.evaluation.model_spec import load_model
 from mefem_jax.evaluation.probes import blas_threads
-from mefem_jax.evaluation.spec_options import SpecError
-from mefem_jax.models.vit import encoder_dims
 from mefem_jax.evaluation.targets import Target, TargetError, check_columns, parse_targets, probe_target
 from mefem_jax.evaluation.verification import PairsError, cosine_scores, read_pairs, verification_metrics
+from mefem_jax.models.timm_keys import ConversionError
+from mefem_jax.models.vit import encoder_dims
+from mefem_jax.spec_options import SpecError
 
 class UsageError(ValueError):
     """Flags that do not make an evaluation (nothing asked, a needed split missing)."""
@@ -98,7 +98,7 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
     pairs_parsed = read_pairs(pairs) if pairs else None  # a malformed file fails before any embedding
     cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
 
-    loaded = load_model(model, which=which, dtype=dtype)
+    loaded = load_encoder(model, which=which, dtype=dtype)
     width, depth, heads = encoder_dims(loaded.model_cfg)
     report: dict = {
         "model": {"spec": model, "which": which, "identity": loaded.identity,

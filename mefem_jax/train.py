@@ -35,12 +35,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from mefem_jax import cli, sharding
+from mefem_jax import cli, encoders, sharding
 from mefem_jax.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_FINISHED, EXIT_PREEMPTED  # documented in README
 from mefem_jax.checkpoint import Checkpointer, checkpoint_dir, with_shardings
 from mefem_jax.config import validate_config
 from mefem_jax.config_checks import ConfigError
 from mefem_jax.data.pipeline import make_train_iterator
+from mefem_jax.evaluation.online_probe import probe_during_training
 from mefem_jax.metric_writer import MetricWriter, plot_loss, read_metrics
 from mefem_jax.run_setup import prepare
 from mefem_jax.workdir_lock import LOCK_NAME, WorkdirLock
@@ -245,8 +246,6 @@ def _check_finite(metrics: dict, step: int) -> None:
 
 def _probe(pieces, state, config) -> dict:
     """Linear probes of the current target encoder on the eval set (config.eval), on every process."""
-    from mefem_jax.evaluation.online_probe import probe_during_training
-
     params = state.target_params
     if jax.process_count() > 1:  # host copies of the (possibly cross-process) shards
         from jax.experimental import multihost_utils
@@ -257,9 +256,7 @@ def _probe(pieces, state, config) -> dict:
 
 def _init_encoder_from(state, config, state_sh):
     """Loads released / exported encoder weights into both encoders; the predictor keeps its fresh init."""
-    from mefem_jax.export import load_encoder_params
-
-    enc = load_encoder_params(config.init_from, config.model)
+    enc = encoders.load_encoder_params(config.init_from, config.model)
     params = dict(state.params, encoder=enc)
     state = state.replace(params=params, target_params=enc)
     logging.info("initialised the encoder from %s", config.init_from)

@@ -30,12 +30,12 @@ import numpy as np
 import pytest
 
 # Must run before any test module imports timm or torchvision: on machines with a CPU torch and
-# a CUDA torchvision build that import fails otherwise (DESIGN.md section 8).
+# a CUDA torchvision build that import fails otherwise (docs/PLATFORM_NOTES.md).
 if importlib.util.find_spec("torch") is not None:
     import torch
 
     if torch.version.cuda is None:
-        from mefem_jax.export import declare_torchvision_ops
+        from mefem_jax.timm_import import declare_torchvision_ops
 
         declare_torchvision_ops()
 

@@ -13,7 +13,8 @@ import ml_collections
 import pytest
 
 from data_corpus import UTKFACE, utkface_rows, write_labels
-from mefem_jax import export as export_lib
+from mefem_jax import encoders, export as export_lib
+from mefem_jax.models.timm_keys import ConversionError
 from mefem_jax.data import build_shards
 from mefem_jax.evaluation.data import DataSpecError, parse_data_spec, read_folder_table
 from test_safe_outputs import TINY, assert_refused, run, tiny_params
@@ -95,8 +96,8 @@ def test_damaged_weights_are_named_by_train_evaluate_and_export(damaged_weights,
     cfg = ml_collections.ConfigDict(TINY)
     for path in damaged_weights:
         # train --config.init_from goes through load_encoder_params.
-        with pytest.raises(export_lib.ConversionError) as info:
-            export_lib.load_encoder_params(path, cfg)
+        with pytest.raises(ConversionError) as info:
+            encoders.load_encoder_params(path, cfg)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
     path = damaged_weights[0]
     assert_refused(run("mefem_jax.export", f"--checkpoint={path}", f"--out={tmp_path / 'out'}"),

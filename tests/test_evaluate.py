@@ -14,7 +14,7 @@ import pytest
 from mefem_jax.evaluation.embeddings import cached_embeddings, compute_embeddings, embed_batch
 from mefem_jax.evaluation.data import DataSpecError, open_eval_data, parse_data_spec
 from mefem_jax.evaluate import UsageError, run_evaluation
-from mefem_jax.evaluation.model_spec import ModelSpecError, load_model, random_model_config
+from mefem_jax.encoders import ModelSpecError, load_encoder, random_model_config
 from mefem_jax.evaluation.probes import blas_threads
 from mefem_jax.evaluation.survival import fit_survival_probe
 from mefem_jax.evaluation.targets import TargetError, parse_targets
@@ -27,7 +27,7 @@ TINY = "random:vitti@64:width=64,depth=2,heads=2"  # 4x4 patch grid; compiles in
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model(TINY)
+    return load_encoder(TINY)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,7 +59,7 @@ def test_model_specs(tiny):
                      ("random:vits:width=64", "not divisible by heads 6"),
                      ("no/such/weights.pth.tar", "unknown model spec")]:
         with pytest.raises(ModelSpecError, match=msg):
-            load_model(bad)
+            load_encoder(bad)
 
 
 def test_data_and_target_specs():
@@ -145,7 +145,7 @@ def test_cache_hits_and_invalidates(tiny, utkface_dir, tmp_path):
     os.utime(folder / "labels.csv", ns=(1, 1))  # an edited CSV must not be served stale features
     _, path3, hit = cached_embeddings(tiny, open_eval_data(spec, tiny.image_size, 4), tmp_path / "cache")
     assert not hit and path3 != path
-    other_model = load_model(TINY + ",seed=1")
+    other_model = load_encoder(TINY + ",seed=1")
     _, path4, hit = cached_embeddings(other_model, open_eval_data(spec, 64, 4), tmp_path / "cache")
     assert not hit and path4 not in (path, path3)
 
@@ -155,7 +155,7 @@ def test_exported_folder_embeds_like_its_params(tiny, utkface_dir, tmp_path, ran
 
     params = random_params(jax.tree.map(np.asarray, tiny.params))  # non-trivial biases and scales
     folder = export_folder(params, tiny.model_cfg, tmp_path / "export")
-    loaded = load_model(str(folder))
+    loaded = load_encoder(str(folder))
     assert loaded.model_cfg.posemb == "sincos" and loaded.image_size == 64
     data = open_eval_data(utk(utkface_dir, "split=test,sample=6"), 64, 4)
     ours = compute_embeddings(tiny.encoder, params, data)
@@ -202,7 +202,7 @@ def test_cli_on_utkface(utkface_dir, tmp_path):
 
     # The CLI's cached embeddings are the tiny model's features of those faces.
     cached = np.load(report["data"]["test"]["cache"])
-    model = load_model(TINY)
+    model = load_encoder(TINY)
     direct = compute_embeddings(model.encoder, model.params,
                                 open_eval_data(test_spec, 64, 16))
     assert cached["ids"].tolist() == direct.ids.tolist()
@@ -255,7 +255,7 @@ def test_training_workdir(tiny, utkface_dir, tmp_path, random_params):
 
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        load_model(str(tmp_path / "empty"))
+        load_encoder(str(tmp_path / "empty"))
 
     target = random_params(jax.tree.map(np.asarray, tiny.params), seed=1)
     context = random_params(jax.tree.map(np.asarray, tiny.params), seed=2)
@@ -267,7 +267,7 @@ def test_training_workdir(tiny, utkface_dir, tmp_path, random_params):
 
     data = open_eval_data(utk(utkface_dir, "split=test,sample=4"), 64, 4)
     for which, params in (("target", target), ("context", context)):
-        loaded = load_model(str(tmp_path / "run"), which=which)
+        loaded = load_encoder(str(tmp_path / "run"), which=which)
         assert loaded.identity["step"] == 7 and loaded.model_cfg.width == 64
         np.testing.assert_array_equal(compute_embeddings(loaded.encoder, loaded.params, data).features["cls"],
                                       compute_embeddings(tiny.encoder, params, data).features["cls"])
@@ -316,7 +316,7 @@ def test_probe_during_training(tiny):
     again = probe_during_training(tiny.encoder, tiny.params, cfg)
     assert embed_batch._cache_size() == compiled  # same forward, no recompile
     assert {k: again[k] for k in expected} == {k: first[k] for k in expected}
-    other = probe_during_training(tiny.encoder, load_model(TINY + ",seed=1").params, cfg)
+    other = probe_during_training(tiny.encoder, load_encoder(TINY + ",seed=1").params, cfg)
     assert other["probe_skin_tone_mae"] != first["probe_skin_tone_mae"]
 
     # The images held as uint8 embed exactly like a fresh read of the same data.

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mefem_jax.export import (KEY_TABLE, ConversionError, export_folder, import_timm, jax_to_timm_key,
-                              load_encoder_params, params_to_timm, timm_layout,
-                              timm_to_jax_key, timm_to_params)
+from mefem_jax.encoders import load_encoder_params
+from mefem_jax.export import export_folder
+from mefem_jax.models.timm_keys import (KEY_TABLE, ConversionError, jax_to_timm_key, params_to_timm, timm_layout,
+                                        timm_to_jax_key, timm_to_params)
+from mefem_jax.timm_import import import_timm
 from mefem_jax.models.vit import encoder_from_config
 
 torch = pytest.importorskip("torch")
@@ -176,11 +178,12 @@ def test_ijepa_checkpoint_imports_with_fresh_cls(model_cfg, random_params, tmp_p
         sd["pos_embed"] = sd["pos_embed"][:, 1:]
         return {f"module.{k}": torch.tensor(v) for k, v in sd.items()}
 
-    torch.save({"encoder": ijepa_encoder(context), "target_encoder": ijepa_encoder(target),
+    context_sd = ijepa_encoder(context)
+    torch.save({"encoder": context_sd, "target_encoder": ijepa_encoder(target),
                 "predictor": {"module.mask_token": torch.zeros(1, 1, 8)}, "epoch": 300,
                 "opt": {"state": {}}, "lr": 1e-3}, tmp_path / "jepa-ep300.pth.tar")
 
-    with caplog.at_level(logging.WARNING, logger="mefem_jax.export"):
+    with caplog.at_level(logging.WARNING, logger="mefem_jax.encoders"):
         imported = load_encoder_params(tmp_path / "jepa-ep300.pth.tar", cfg)
     assert "no cls_token" in caplog.text and "target_encoder" in caplog.text
     fresh = np.asarray(imported.pop("cls_token"))
@@ -188,12 +191,16 @@ def test_ijepa_checkpoint_imports_with_fresh_cls(model_cfg, random_params, tmp_p
     target.pop("cls_token")
     assert_trees_equal(imported, target)
 
-    from_context = load_encoder_params(tmp_path / "jepa-ep300.pth.tar", cfg, which="encoder")
+    # I-JEPA's "encoder" is what every loader here calls the context encoder.
+    from_context = load_encoder_params(tmp_path / "jepa-ep300.pth.tar", cfg, which="context")
     from_context.pop("cls_token")
     context.pop("cls_token")
     assert_trees_equal(from_context, context)
-    with pytest.raises(ConversionError, match="'predictor', 'target_encoder'"):
+    with pytest.raises(ValueError, match="'target' or 'context'"):
         load_encoder_params(tmp_path / "jepa-ep300.pth.tar", cfg, which="ema")
+    torch.save({"encoder": context_sd, "predictor": {}}, tmp_path / "no-target.pth.tar")
+    with pytest.raises(ConversionError, match=r"no 'target_encoder'; it holds \['encoder', 'predictor'\]"):
+        load_encoder_params(tmp_path / "no-target.pth.tar", cfg)
 
 
 # -- refusals list every problem ----------------------------------------------------------------

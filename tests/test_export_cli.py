@@ -17,7 +17,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from mefem_jax.checkpoint import load_params_for_eval
-from mefem_jax.export import import_timm, params_to_timm, save_pth, timm_config
+from mefem_jax.export import save_pth, timm_config
+from mefem_jax.models.timm_keys import params_to_timm
+from mefem_jax.timm_import import import_timm
 from mefem_jax.models.vit import encoder_from_config
 from test_resume import TOTAL, reference_run, subprocess_env
 

@@ -6,7 +6,7 @@ import pytest
 
 from mefem_jax.evaluation import bootstrap, rankme
 from mefem_jax.evaluation.embeddings import embed_batch, grid_pool, pooling_matrix
-from mefem_jax.evaluation.model_spec import load_model
+from mefem_jax.encoders import load_encoder
 from mefem_jax.evaluation.probes import fit_regression_probe
 
 
@@ -77,7 +77,7 @@ def test_grid_readout_shape_layout_and_mean_at_one():
 def test_embed_batch_grid_and_token_stats(utkface_dir):
     from mefem_jax.evaluation.data import open_eval_data
 
-    model = load_model("random:vitti@64:width=64,depth=2,heads=2")
+    model = load_encoder("random:vitti@64:width=64,depth=2,heads=2")
     images = np.concatenate([b["image"] for b in open_eval_data(f"{utkface_dir}:split=test,sample=6", 64, 6).batches()])
     out = embed_batch(model.params, images, encoder=model.encoder, pixel_size=16, grid_size=1)
     np.testing.assert_allclose(out["grid"], out["mean"], rtol=1e-5, atol=1e-6)

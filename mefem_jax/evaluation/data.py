@@ -39,7 +39,7 @@ from typing import Iterator
 import numpy as np
 
 from mefem_jax.data import csv_text
-from mefem_jax.evaluation.spec_options import SpecError, split_options
+from mefem_jax.spec_options import SpecError, split_options
 
 ID_COLUMNS = ("file", "filename", "image", "path")
 _RESERVED = {"limit", "sample", "csv", "images", "id"}
@@ -159,7 +159,7 @@ def read_folder_table(spec: DataSpec) -> FolderTable:
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """One file -> float32 [size, size, 3], exactly as the shard pipeline's eval pass makes it."""
-    from mefem_jax.data import augment
+    from mefem_jax.data import augment  # with grain: only when a folder is read (see open_eval_data)
 
     return augment.normalize(augment.crop_resize(path.read_bytes(), augment.center_box, size))
 

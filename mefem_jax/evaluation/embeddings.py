@@ -202,7 +202,7 @@ def cache_key(model_identity: dict, model_cfg, data_identity: dict, pixel_size: 
 def cached_embeddings(model, data, cache_dir: str | Path | None = None, pixel_size: int = PIXEL_SIZE,
                       grid_size: int = GRID_SIZE) -> tuple[Embeddings, Path | None, bool]:
     """(embeddings, cache file or None, whether it was a cache hit). `model` is a
-    `model_spec.LoadedModel`; `cache_dir=None` disables the cache."""
+    `encoders.LoadedEncoder`; `cache_dir=None` disables the cache."""
     if cache_dir is None:
         return compute_embeddings(model.encoder, model.params, data, pixel_size, grid_size), None, False
     key = cache_key(model.identity, model.model_cfg, data.identity(), pixel_size, grid_size)
