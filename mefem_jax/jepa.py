@@ -7,7 +7,7 @@
          [+ sigreg_weight * SIGReg(z's CLS and mean-pooled patches), optional, off in MeFEm's recipe]
 
 Masks and the per-sample CLS coin are drawn from `rng` inside the jitted step, on device, with static
-shapes (DESIGN.md 3.3): nothing in here depends on the host or changes shape between steps.
+shapes (docs/METHOD.md 4): nothing in here depends on the host or changes shape between steps.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class JEPA:
     def targets(self, target_params, images) -> jax.Array:
         """LN'd target-encoder features of the full image [B, 1+N, D] (CLS first), no gradient."""
         h = self.encoder.apply({"params": target_params}, images)
-        return normalize(jax.lax.stop_gradient(h), self.target_ln_eps)
+        return losses.normalize_targets(jax.lax.stop_gradient(h), self.target_ln_eps)
 
     def predict(self, params, images, masks: Masks, cls_target: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Predictions [B, n_ctx, n_tgt, 1+Kt, D] for every (context set, target set) pair, as I-JEPA
@@ -133,10 +133,6 @@ class JEPA:
             "n_pred_seqs": jnp.asarray(b * n_ctx * masks.tgt_idx.shape[1], jnp.float32),
         }
         return loss, metrics
-
-
-def normalize(h, eps):
-    return losses.normalize_targets(h, eps)
 
 
 def feature_std(h: jax.Array) -> jax.Array:

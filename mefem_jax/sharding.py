@@ -11,13 +11,13 @@ batch is split over both. Parameters follow an ordered list of (regex, rule) pai
 
 The step itself is written for one device; `jax.jit` with these in/out shardings lets XLA's SPMD
 partitioner insert the all-gathers and reduce-scatters. Axis types are Auto on purpose: with jax's
-Explicit default a plain FSDP matmul raises ShardingTypeError (DESIGN.md section 8).
+Explicit default a plain FSDP matmul raises ShardingTypeError (docs/PLATFORM_NOTES.md).
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -147,14 +147,6 @@ def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Assembles each process's slice of the batch into one global array (the per-process data pipeline
     already read only its own 1/process_count of the examples)."""
     return jax.make_array_from_process_local_data(sharding, local)
-
-
-def describe(shardings: Any) -> str:
-    """One line per leaf, for the log: path -> PartitionSpec."""
-    rows = []
-    for path, s in jax.tree_util.tree_leaves_with_path(shardings):
-        rows.append(f"{_path_str(path)}: {s.spec}")
-    return "\n".join(rows)
 
 
 def log_mesh(mesh: Mesh) -> None:

@@ -14,6 +14,7 @@ pages named in `source`. Their "GB" of HBM are binary: XLA:TPU itself reports 15
 from __future__ import annotations
 
 import dataclasses
+import os
 
 GiB = 2 ** 30
 
@@ -88,8 +89,6 @@ def parse(name: str, num_slices: int = 1) -> Slice:
 
 def devices(tpu: Slice) -> list:
     """The compile-only JAX devices of the slice(s); needs libtpu (`pip install -e ".[tpu]"`)."""
-    import os
-
     from jax.experimental import topologies  # imports libtpu's compiler: only when a topology is asked for
 
     # Off a TPU VM libtpu would look for the host's accelerator and its workers, and log a page of

@@ -3,7 +3,6 @@ fit, the shardings XLA received, the collectives FSDP must produce, and the batc
 
 A tiny model keeps each compile to seconds; the real recipes are in benchmarks/tpu_fit.py."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

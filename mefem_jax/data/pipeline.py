@@ -48,7 +48,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     """The `data` block of a training config; every field can be set as --config.data.NAME."""
     c = ml_collections.ConfigDict()
     c.train = "synthetic"                 # data spec, see sources.py
-    c.eval = config_dict.placeholder(str)  # data spec for probes, or None
     c.batch_size = 128                    # global batch; train.py passes it on
     c.seed = 0                            # shuffle / augmentation seed train.py passes on
     c.workers = 0                         # Grain worker processes per host (0: in-process)

@@ -32,6 +32,8 @@ import numpy as np
 from absl import logging
 
 from mefem_jax import config_checks as checks
+from mefem_jax.data.augment import normalize
+from mefem_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from mefem_jax.evaluation import rankme
 from mefem_jax.evaluation.data import DataSpec, folder_csv_path, open_eval_data, parse_data_spec
 from mefem_jax.models.vit import ViT
@@ -77,8 +79,6 @@ class _HeldImages:
     skipped: dict[str, list[str]] = field(default_factory=dict)
 
     def batches(self) -> Iterator[dict]:
-        from mefem_jax.data.augment import normalize
-
         for start in range(0, len(self.ids), self.batch_size):
             stop = start + self.batch_size
             batch = {"image": np.stack([normalize(p) for p in self.pixels[start:stop]]),
@@ -88,8 +88,6 @@ class _HeldImages:
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:
-    from mefem_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
-
     pixels = (images * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)) * 255.0
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
@@ -133,6 +131,8 @@ def _held_images(spec: str, image_size: int, eval_cfg, split: str) -> _HeldImage
 
 def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigDict) -> dict[str, float]:
     """Embed the held eval splits with `params` and fit the configured probes (module docstring)."""
+    # Imported on the first probe, not with the config: the probes pull in scikit-learn and lifelines,
+    # seconds of start-up that a run without `eval.every_steps` should not pay.
     from mefem_jax.evaluation.embeddings import GRID_SIZE, compute_embeddings
     from mefem_jax.evaluation.probes import blas_threads
     from mefem_jax.evaluation.targets import check_columns, parse_targets, probe_target
