@@ -1,4 +1,4 @@
-"""The MeFEm loss pieces (DESIGN.md 3.4): target normalisation, circular loss weights, CLS reassignment,
+"""The MeFEm loss pieces (docs/METHOD.md 5): target normalisation, circular loss weights, CLS reassignment,
 and the weighted per-token regression loss.
 
 Everything here is a pure function of arrays; `jepa.py` wires them to the encoders and the masks.

@@ -1,4 +1,4 @@
-"""Optimiser and the three schedules of the I-JEPA recipe (DESIGN.md 3.5).
+"""Optimiser and the three schedules of the I-JEPA recipe (docs/METHOD.md 6).
 
   learning rate   linear warm-up start_lr -> lr, then cosine down to final_lr
   weight decay    cosine from wd to final_wd (I-JEPA *increases* it, 0.04 -> 0.4)
