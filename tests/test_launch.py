@@ -33,6 +33,15 @@ TRICKY_ARGS = ["--config.total_steps=10", "--config.data.train=/data/my faces",
                "--config.note=it's $HOME; rm -rf * `date`"]
 TRAIN_HEAD = ["-m", "mefem_jax.train", "--config=configs/vitb.py"]
 
+
+
+def find_shellcheck() -> str | None:
+    """shellcheck from the test extra: on PATH, or beside this python when its venv is not activated
+    (`venv/bin/python -m pytest` leaves venv/bin off PATH; docs/PLATFORM_NOTES.md)."""
+    beside = Path(sys.executable).parent / "shellcheck"
+    return shutil.which("shellcheck") or (str(beside) if os.access(beside, os.X_OK) else None)
+
+
 RECORDER = f"""#!{sys.executable} -S
 # Stand-in for gcloud / sbatch: logs its argv, keeps what it was given, succeeds.
 import json, os, shutil, sys
@@ -165,7 +174,7 @@ def jax_pin() -> str:
 
 @pytest.mark.parametrize("script", [TPU, SLURM, TPU.with_name("lib.sh")], ids=lambda p: p.name)
 def test_launcher_passes_shellcheck(script):
-    shellcheck = shutil.which("shellcheck")
+    shellcheck = find_shellcheck()
     assert shellcheck, "shellcheck missing: it comes with the test extra (pip install -e '.[test]')"
     result = subprocess.run([shellcheck, "--shell=bash", "--severity=style", str(script)],
                             capture_output=True, text=True, timeout=60)
@@ -477,7 +486,7 @@ def test_slurm_dry_run_prints_script_and_submits_nothing(tripwires, tmp_path):
 
     script = tmp_path / "job.sbatch"
     script.write_text(result.stdout)
-    checked = subprocess.run([shutil.which("shellcheck") or "shellcheck", "--severity=style", str(script)],
+    checked = subprocess.run([find_shellcheck() or "shellcheck", "--severity=style", str(script)],
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout
 

@@ -1,0 +1,100 @@
+"""The package's import graph: no cycles, layers that only import downward, lazy imports explained.
+
+Read from the source with `ast` (nothing is imported), counting imports inside functions too: a cycle
+hidden in a function body is still a cycle, and it is how the weights wing once dodged one.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mefem_jax"
+ENTRY_POINTS = ("train", "evaluate", "export", "compile_check", "viz")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts).removeprefix("mefem_jax.")
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(path: Path) -> list[tuple[str, int, bool]]:
+    """(imported package module, line, inside a function) for each import of a mefem_jax module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from mefem_jax.data import augment` imports the module data.augment, not just the package.
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            short = name.removeprefix("mefem_jax.")
+            if name.startswith("mefem_jax.") and short in MODULES:
+                found.append((short, node.lineno, id(node) not in top_level))
+                break  # the most specific module this statement names
+    return found
+
+
+GRAPH = {name: {dep for dep, _, _ in _imports(path) if dep != name} for name, path in MODULES.items()}
+# Package __init__ files re-export nothing and import nothing; drop them as nodes of the graph.
+PACKAGES = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+
+
+def _reachable(start: str) -> set[str]:
+    seen, stack = set(), [start]
+    while stack:
+        for dep in GRAPH.get(stack.pop(), ()):
+            if dep not in seen:
+                seen.add(dep)
+                stack.append(dep)
+    return seen
+
+
+def test_the_graph_is_read():
+    # Guards the test itself: a parser that found nothing would pass every rule below.
+    assert {"train", "encoders", "export", "models.vit", "models.timm_keys"} <= set(MODULES)
+    assert "models.timm_keys" in GRAPH["encoders"] and "encoders" in GRAPH["export"]
+
+
+@pytest.mark.parametrize("name", sorted(set(MODULES) - PACKAGES))
+def test_no_import_cycle(name):
+    assert name not in _reachable(name), f"{name} imports itself through {sorted(_reachable(name) & set(GRAPH))}"
+
+
+def test_models_import_only_models():
+    for name in MODULES:
+        if name.startswith("models"):
+            outside = sorted(d for d in GRAPH[name] if not d.startswith("models") and d not in PACKAGES)
+            assert not outside, f"{name} reaches up into {outside}"
+
+
+def test_weights_loading_sits_below_its_users():
+    above = {"export", "evaluate", "train", "compile_check"}
+    for name in ("encoders", "checkpoint", "models.timm_keys"):
+        bad = sorted(d for d in _reachable(name) if d in above or d.startswith("evaluation"))
+        assert not bad, f"{name} imports {bad}, which sit above it"
+
+
+def test_no_module_imports_an_entry_point():
+    for name, deps in GRAPH.items():
+        assert not deps & set(ENTRY_POINTS), f"{name} imports the entry point(s) {sorted(deps & set(ENTRY_POINTS))}"
+
+
+def test_every_lazy_package_import_says_why():
+    """An import inside a function hides a dependency from the reader: it must carry a comment."""
+    unexplained = []
+    for name, path in MODULES.items():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for dep, lineno, lazy in _imports(path):
+            context = lines[max(0, lineno - 4):lineno]  # the import line and the three above it
+            if lazy and not any("#" in line for line in context):
+                unexplained.append(f"{name}:{lineno} imports {dep}")
+    assert not unexplained, unexplained
