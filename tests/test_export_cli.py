@@ -17,10 +17,11 @@ import pytest
 from safetensors.numpy import load_file
 
 from mefem_jax.checkpoint import load_params_for_eval
+from mefem_jax.encoders import load_encoder_params
 from mefem_jax.export import save_pth, timm_config
 from mefem_jax.models.timm_keys import params_to_timm
 from mefem_jax.timm_import import import_timm
-from mefem_jax.models.vit import encoder_from_config
+from mefem_jax.models.vit import encoder_from_config, unstack_blocks
 from test_resume import TOTAL, reference_run, subprocess_env
 
 torch = pytest.importorskip("torch")
@@ -110,6 +111,23 @@ def test_export_one_step_folder_and_the_context_encoder(env, workdir, tmp_path):
     assert not np.array_equal(jax.tree.leaves(target)[0], jax.tree.leaves(params)[0])  # a real choice
     card = (out / "README.md").read_text()
     assert "context (online) encoder" in card and "step 12" in card
+
+
+def test_a_training_run_loads_as_encoder_params_in_either_block_layout(workdir):
+    """`init_from` may name a run or one of its steps: encoders.load_encoder_params reads it and fits
+    it to the new run's model config, scanned or not, through the timm layout."""
+    params, config, _ = load_params_for_eval(workdir, "target", step=12)
+    unrolled = unstack_blocks(params)
+    for scan in (False, True):
+        model_cfg = ml_collections.ConfigDict(dict(config["model"], scan_layers=scan))
+        loaded = load_encoder_params(workdir / "checkpoints" / "12", model_cfg)
+        got = unstack_blocks(loaded)
+        assert ("blocks" in loaded) == scan
+        assert jax.tree.structure(got) == jax.tree.structure(unrolled)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(unrolled)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    newest = load_encoder_params(workdir, ml_collections.ConfigDict(config["model"]))  # the run: step 20
+    assert not np.array_equal(np.asarray(jax.tree.leaves(newest)[0]), np.asarray(jax.tree.leaves(params)[0]))
 
 
 def test_export_converts_a_foreign_file(env, workdir, tmp_path):
