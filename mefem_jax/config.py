@@ -43,7 +43,8 @@ def base_config(variant: str = "B", *, remat: bool = False, predictor_depth: int
     c.checkpoint = dict(every_steps=2000, max_to_keep=3)
     # Linear probes on a labelled set every `eval.every_steps` (0 = off), logged with the metrics.
     c.eval = default_eval_config()
-    # Continue pretraining from released or exported weights (encoder only; the predictor starts fresh).
+    # Continue pretraining from any weights encoders.load_encoder_params reads (a release, an export, another
+    # run or one of its steps): the encoder only; the predictor starts fresh.
     c.init_from = ""
     return c
 
