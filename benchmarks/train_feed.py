@@ -1,15 +1,16 @@
 """Training img/s with the real input pipeline feeding the real step, host against device augmentation.
 
-    python benchmarks/train_feed.py --shards=DIR --configs=smoke,S --steps=4 --rounds=3 --workers=2
+    python benchmarks/train_feed.py --shards=DIR --train_configs=smoke,S --train_steps=2 \
+        --train_rounds=3 --train_workers=2
 
 For each model (`smoke`: configs/vitb.py:smoke, 112 px; `S`, `B`: configs/vit{s,b}.py at 224 px) and
 each `data.augment_on` it builds the run exactly as train.py does (`run_setup.prepare`: the jitted step
 with the state donated and the batch sharded), the training iterator over `--shards`, and times
 
-* step: `--rounds` windows of `--steps` updates on one uint8 batch already on the device, the two
+* step: `--train_rounds` windows of `--train_steps` updates on one uint8 batch already on the device, the two
   modes alternating window by window, so load from other processes hits both alike. The ratio
   device/host of each round (median reported) is what device augmentation costs the step.
-* end to end: `--steps` x `--rounds` updates, each on the next batch of the pipeline (read, decode,
+* end to end: `--train_steps` x `--train_rounds` updates, each on the next batch of the pipeline (read, decode,
   host crop or centre square, uint8 batch, hand-off to the device), as the training loop does it.
 
 The peak of a bf16/f32 matmul is not needed here; for MFU see benchmarks/train_step.py.
@@ -56,10 +57,12 @@ def model_config(name: str, batch: int, dtype: str):
 class Feed:
     """One model in one augmentation mode: its compiled step, its state and its pipeline."""
 
-    def __init__(self, config, shards: str, mode: str, workers: int, read_threads: int):
+    def __init__(self, config, shards: str, mode: str, workers: int, read_threads: int,
+                 source_size: int = 0):
         self.mode = mode
         config = config.copy_and_resolve_references()
-        config.data.update(train=shards, augment_on=mode, workers=workers, read_threads=read_threads)
+        config.data.update(train=shards, augment_on=mode, workers=workers, read_threads=read_threads,
+                           source_size=source_size)
         self.run = prepare(config)
         self.state = self.run.init()
         self.it = make_train_iterator(config.data, image_size=config.model.image_size,
@@ -97,27 +100,30 @@ class Feed:
 
 
 def measure(name: str, args) -> dict:
-    config = model_config(name, args.batch, args.dtype)
-    feeds = {m: Feed(config, args.shards, m, args.workers, args.read_threads) for m in MODES}
+    config = model_config(name, args.train_batch, args.dtype)
+    feeds = {m: Feed(config, args.shards, m, args.train_workers, args.train_read_threads,
+                     args.train_source_size) for m in MODES}
+    steps, n_rounds, warmup = args.train_steps, args.train_rounds, args.train_warmup
     for f in feeds.values():
-        f.step_window(args.warmup)
+        f.step_window(warmup)
     rounds = {m: [] for m in MODES}
-    for _ in range(args.rounds):
+    for _ in range(n_rounds):
         for m in MODES:
-            rounds[m].append(feeds[m].step_window(args.steps))
-    ratios = [rounds["host"][i] / rounds["device"][i] for i in range(args.rounds)]
+            rounds[m].append(feeds[m].step_window(steps))
+    ratios = [rounds["host"][i] / rounds["device"][i] for i in range(n_rounds)]
     e2e = {}
     for m in MODES:
-        feeds[m].end_to_end(args.warmup)  # fills the pipeline's buffers, starts its workers
-        e2e[m] = feeds[m].end_to_end(args.steps * args.rounds)
-    b = args.batch
+        feeds[m].end_to_end(warmup)  # fills the pipeline's buffers, starts its workers
+        e2e[m] = feeds[m].end_to_end(steps * n_rounds)
+    b = args.train_batch
     out = {"model": name, "image_size": int(config.model.image_size), "batch": b,
-           "dtype": str(config.model.dtype), "workers": args.workers,
-           "read_threads": args.read_threads, "device": jax.devices()[0].device_kind,
+           "dtype": str(config.model.dtype), "workers": args.train_workers,
+           "read_threads": args.train_read_threads, "source_size": args.train_source_size,
+           "device": jax.devices()[0].device_kind,
            "load": os.getloadavg()[0], "device_over_host_step": statistics.median(ratios)}
     for m in MODES:
-        out[m] = {"step_img_s": b * args.steps / statistics.median(rounds[m]),
-                  "e2e_img_s": b * args.steps * args.rounds / e2e[m],
+        out[m] = {"step_img_s": b * steps / statistics.median(rounds[m]),
+                  "e2e_img_s": b * steps * n_rounds / e2e[m],
                   "batch_bytes": feeds[m].batch_bytes, "compile_s": feeds[m].compile_s}
         feeds[m].close()
     return out
@@ -131,7 +137,9 @@ def table(results: list[dict]) -> list[str]:
         for m in MODES:
             x = r[m]
             lines.append(
-                f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['dtype']} | {m} | "
+                f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['dtype']} | "
+                + (f"device:{r['source_size']}" if m == "device" and r.get("source_size") else m)
+                + " | "
                 f"{x['step_img_s']:.1f} | {x['e2e_img_s']:.1f} | "
                 f"{x['e2e_img_s'] / x['step_img_s']:.2f} | {x['batch_bytes'] / 2**20:.2f} MiB | "
                 + (f"{r['device_over_host_step']:.3f}" if m == "device" else "") + " |")
@@ -139,15 +147,18 @@ def table(results: list[dict]) -> list[str]:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--configs", default="smoke,S", help="models: smoke, S, B (comma-separated)")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--train_configs", default="smoke,S",
+                   help="models: smoke, S, B (comma-separated); empty: none")
+    p.add_argument("--train_batch", type=int, default=16)
     p.add_argument("--dtype", default="float32", help="compute dtype of S / B")
-    p.add_argument("--steps", type=int, default=2, help="updates per timed window")
-    p.add_argument("--rounds", type=int, default=3, help="windows per mode (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed updates after compiling")
-    p.add_argument("--train_workers", dest="workers", type=int, default=2,
+    p.add_argument("--train_steps", type=int, default=2, help="updates per timed window")
+    p.add_argument("--train_rounds", type=int, default=3, help="windows per mode (median)")
+    p.add_argument("--train_warmup", type=int, default=1, help="untimed updates after compiling")
+    p.add_argument("--train_workers", type=int, default=2,
                    help="Grain worker processes feeding the step")
-    p.add_argument("--train_read_threads", dest="read_threads", type=int, default=1)
+    p.add_argument("--train_read_threads", type=int, default=1)
+    p.add_argument("--train_source_size", type=int, default=0,
+                   help="data.source_size of the device mode (0: the model's image size)")
 
 
 def main() -> None:
@@ -157,7 +168,7 @@ def main() -> None:
     add_args(p)
     args = p.parse_args()
     results = []
-    for name in args.configs.split(","):
+    for name in filter(None, args.train_configs.split(",")):
         results.append(measure(name.strip(), args))
         print(json.dumps(results[-1]), flush=True)
     print("\n".join(table(results)))

@@ -118,3 +118,12 @@ def test_prepare_normalises_and_crops_only_on_device():
                                                                     **kw)), want)
     with pytest.raises(ValueError, match="48"):
         device_augment.prepare(jnp.zeros((1, 48, 48, 3), jnp.uint8), key, mode="host", **kw)
+
+
+def test_the_whole_image_at_its_own_size_is_unchanged():
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
+    whole = jnp.asarray([[0.0, 0.0, 1.0, 1.0]] * 2)
+    out = np.asarray(device_augment.crop_resize(jnp.asarray(pixels), whole,
+                                                jnp.asarray([False, True]), 24))
+    np.testing.assert_allclose(out[0], pixels[0], atol=1e-4)
+    np.testing.assert_allclose(out[1], pixels[1][:, ::-1], atol=1e-4)

@@ -106,10 +106,10 @@ def crop_resize(data: bytes | np.ndarray, box_fn, size: int, flip: bool = False)
     model) is passed through without resampling.
     """
     image, box = decode.decode_for_box(data, box_fn, size)
-    if box != (0, 0, size, size) or image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR, box=box)
+    if box != (0, 0, size, size) or decode.image_size(image) != (size, size):
+        image = decode.as_pil(image).resize((size, size), Image.BILINEAR, box=box)
     if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = decode.as_pil(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(image)
 
 

@@ -95,14 +95,17 @@ def _simplejpeg_for_box(data, box_fn, out_size: int):
                                         min_height=need[1] if need else 0, min_factor=2)
     except ValueError:
         return None, box  # refused (corrupt, or a warning in strict mode): PIL decides, as without it
-    return Image.fromarray(pixels), _rescale(box, pixels.shape[1] / width, pixels.shape[0] / height)
+    return pixels, _rescale(box, pixels.shape[1] / width, pixels.shape[0] / height)
 
 
-def decode_for_box(data: bytes | np.ndarray, box_fn, out_size: int) -> tuple[Image.Image, Box]:
-    """Decodes `data` to an RGB image, reduced in the DCT domain as far as the crop allows.
+def decode_for_box(data: bytes | np.ndarray, box_fn,
+                   out_size: int) -> tuple[Image.Image | np.ndarray, Box]:
+    """Decodes `data` to RGB, reduced in the DCT domain as far as the crop allows.
 
     `box_fn(width, height)` gives the crop box in the full image's pixels (called once, with the
-    stored size); returns the decoded image and that box in the decoded image's pixels.
+    stored size); returns the decoded image and that box in the decoded image's pixels. The image
+    is a PIL RGB image, or (from simplejpeg) a uint8 [H, W, 3] array: a face that needs no
+    resampling then reaches the batch without another copy (`as_pil` when one is needed).
     """
     image, box = _simplejpeg_for_box(data, box_fn, out_size)
     if image is not None:
@@ -112,6 +115,15 @@ def decode_for_box(data: bytes | np.ndarray, box_fn, out_size: int) -> tuple[Ima
         box = box_fn(*image.size)
     image, box = reduce_for(image, box, out_size)
     return to_rgb(image), box
+
+
+def image_size(image: Image.Image | np.ndarray) -> tuple[int, int]:
+    """(width, height) of what `decode_for_box` returns."""
+    return (image.shape[1], image.shape[0]) if isinstance(image, np.ndarray) else image.size
+
+
+def as_pil(image: Image.Image | np.ndarray) -> Image.Image:
+    return Image.fromarray(image) if isinstance(image, np.ndarray) else image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -8,9 +8,9 @@ the batch is already cropped to the model's size and only normalised here.
 The crop is `augment.sample_crop_box` vectorised: ten (area, log-aspect) candidates per image, the
 first that fits is taken, else the same clamped centre fallback, then a uniform position. The
 source is the square centre of the face (augment.SourcePreprocess), so boxes are drawn in the unit
-square and scaled to R. Resampling is `jax.image.scale_and_translate` with a triangle kernel
-widened when downscaling: the filter PIL's BILINEAR resize with a box applies on the host, so a
-crop with the same box matches it to within rounding (tests/test_device_augment.py). Shapes are
+square and scaled to R. Resampling is a triangle kernel widened when downscaling, as two weight
+matrices per image: the filter PIL's BILINEAR resize with a box applies on the host, so a crop with
+the same box matches it to within rounding (tests/test_device_augment.py). Shapes are
 static (a crop is a scale and an offset, not a slice), so one compiled step serves every draw,
 and the draws come from the step's own key: a resumed run crops exactly as an uninterrupted one.
 """
@@ -74,25 +74,40 @@ def sample_flips(rng: jax.Array, batch: int) -> jax.Array:
     return jax.random.bernoulli(rng, 0.5, (batch,))
 
 
+def _weights(out_size: int, in_size: int, start: jax.Array, length: jax.Array) -> jax.Array:
+    """float32 [out_size, in_size]: PIL's BILINEAR resampling of the span [start, start + length)
+    (input pixels, continuous) onto `out_size` pixels, as a matrix.
+
+    Output pixel o is centred at input coordinate start + (o + 1/2) * length / out_size; input pixel
+    i (centre i + 1/2) gets the triangle weight max(0, 1 - |distance| / support), support = 1 when
+    upsampling and the input pixels per output pixel when downsampling (anti-aliasing); weights
+    are normalised over the pixels inside the image, so edges are not darkened.
+    """
+    step = length / out_size
+    centres = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * step
+    support = jnp.maximum(step, 1.0)
+    pixel_centres = jnp.arange(in_size, dtype=jnp.float32) + 0.5
+    w = jnp.maximum(0.0, 1.0 - jnp.abs(pixel_centres[None, :] - centres[:, None]) / support)
+    return w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+
+
 def crop_resize(images: jax.Array, boxes: jax.Array, flips: jax.Array, size: int) -> jax.Array:
     """float32 [b, size, size, 3]: each image's `boxes` row (unit-square fractions) resampled to
-    `size` px, mirrored where `flips`. Values stay in the input's 0..255 range."""
-    src = images.shape[1]
-    if images.shape[2] != src:
+    `size` px, mirrored where `flips`. Values stay in the input's 0..255 range.
+
+    Two small matmuls per image (rows, then columns) with the weight matrices of `_weights`; the
+    flip reverses the column weights, so it costs nothing on the pixels.
+    """
+    b, src, src_w, _ = images.shape
+    if src_w != src:
         raise ValueError(f"device crop needs square images, got {images.shape}")
-
-    def one(image, box, flip):
-        left, top, w, h = box[0] * src, box[1] * src, box[2] * src, box[3] * src
-        scale = jnp.stack([size / h, size / w])
-        # scale_and_translate maps output pixel centre o to input coordinate (o + 1/2 - t) / s - 1/2,
-        # so t = -offset * s puts the box's edge at the output's edge (PIL's box convention).
-        translation = jnp.stack([-top * scale[0], -left * scale[1]])
-        out = jax.image.scale_and_translate(
-            image.astype(jnp.float32), (size, size, image.shape[2]), (0, 1), scale, translation,
-            method="linear", antialias=True, precision=jax.lax.Precision.HIGHEST)
-        return jnp.where(flip, out[:, ::-1], out)
-
-    return jax.vmap(one)(images, boxes, flips)
+    boxes = boxes * src
+    rows = jax.vmap(lambda t, h: _weights(size, src, t, h))(boxes[:, 1], boxes[:, 3])
+    cols = jax.vmap(lambda l, w: _weights(size, src, l, w))(boxes[:, 0], boxes[:, 2])
+    cols = jnp.where(flips[:, None, None], cols[:, ::-1], cols)
+    hi = jax.lax.Precision.HIGHEST  # pixel-exact: a bf16 pass would cost up to a grey level
+    x = jnp.einsum("boh,bhwc->bowc", rows, images.astype(jnp.float32), precision=hi)
+    return jnp.einsum("bpw,bowc->bopc", cols, x, precision=hi)
 
 
 def prepare_from_config(data_cfg, image_size: int):
