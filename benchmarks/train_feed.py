@@ -141,7 +141,7 @@ def table(results: list[dict]) -> list[str]:
                 f"| {r['model']} | {r['image_size']} | {r['batch']} | {r['dtype']} | "
                 + (f"device:{r['source_size']}" if m == "device" and r.get("source_size") else m)
                 + " | "
-                f"{x['step_img_s']:.1f} | {x['e2e_img_s']:.1f} | "
+                f"{x['step_img_s']:.3g} | {x['e2e_img_s']:.3g} | "
                 f"{x['e2e_img_s'] / x['step_img_s']:.2f} | {x['batch_bytes'] / 2**20:.2f} MiB | "
                 + (f"{r['device_over_host_step']:.3f}" if m == "device" else "") + " |")
     return lines

@@ -76,7 +76,7 @@ def test_flip_rate_is_one_half():
 
 
 def _face(utkface_dir: Path) -> np.ndarray:
-    name = sorted((utkface_dir / "images").iterdir())[0]
+    name = min((utkface_dir / "images").iterdir())
     pixels = decode.decode_rgb(name.read_bytes())
     assert pixels.shape == (200, 200, 3)
     return pixels
@@ -102,7 +102,7 @@ def test_a_fixed_crop_matches_the_host_resize(utkface_dir, size, flip):
 def test_prepare_normalises_and_crops_only_on_device():
     pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     key = jax.random.PRNGKey(0)
-    kw = dict(image_size=32, scale=SCALE, ratio=RATIO, flip=True)
+    kw = {"image_size": 32, "scale": SCALE, "ratio": RATIO, "flip": True}
     host = np.asarray(device_augment.prepare(jnp.asarray(pixels), key, mode="host", **kw))
     want = np.stack([augment.normalize(p) for p in pixels])
     np.testing.assert_allclose(host, want, rtol=1e-5, atol=1e-5)

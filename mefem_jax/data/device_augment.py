@@ -98,7 +98,7 @@ def crop_resize(images: jax.Array, boxes: jax.Array, flips: jax.Array, size: int
     Two small matmuls per image (rows, then columns) with the weight matrices of `_weights`; the
     flip reverses the column weights, so it costs nothing on the pixels.
     """
-    b, src, src_w, _ = images.shape
+    _, src, src_w, _ = images.shape
     if src_w != src:
         raise ValueError(f"device crop needs square images, got {images.shape}")
     boxes = boxes * src
