@@ -71,7 +71,8 @@ phase() {  # name, limit_s, command...
 }
 
 { echo "# GPU pipeline run $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
-  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; nproc; } > "$OUT/summary.md" 2>&1
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; nproc
+  df -h /dev/shm | tail -1; } > "$OUT/summary.md" 2>&1  # Grain workers hand batches over in /dev/shm
 
 phase train_step "${LIMITS[0]}" python3 benchmarks/train_step.py "${STEP_ARGS[@]}" --skip_torch --json="$OUT/train_step.json"
 phase feed_S "${LIMITS[1]}" python3 benchmarks/train_feed.py --shards="$SHARDS" --train_source_size="$SOURCE_SIZE" \

@@ -176,3 +176,11 @@ def test_jpeg_draft_decodes_small_when_the_crop_allows_and_matches_full_decode()
     fast = augment.crop_resize(data, lambda w, h: (0, 0, w, h), 96).astype(np.float32)
     slow = np.asarray(Image.fromarray(smooth.astype(np.uint8)).resize((96, 96), Image.BILINEAR))
     assert np.abs(fast - slow).mean() < 2.0
+
+
+@pytest.mark.parametrize("key, value, allowed", [("augment_on", "gpu", "one of"),
+                                                 ("source_size", -1, "a number >= 0")])
+def test_bad_augmentation_settings_are_one_line_config_errors(key, value, allowed):
+    cfg = _cfg(**{key: value})
+    with pytest.raises(ValueError, match=f"data.{key}=.*allowed: {allowed}"):
+        pipeline.validate_data_config(cfg)
