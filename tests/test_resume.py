@@ -40,6 +40,8 @@ TINY = {
     "model.width": 64, "model.depth": 2, "model.heads": 2,
     "predictor.width": 32, "predictor.depth": 1, "predictor.heads": 2,
     "data.batch_size": 8, "optim.ref_batch": 8,
+    # Crops and flips drawn inside the step from its own key: the resume must replay them too.
+    "data.augment_on": "device",
 }
 RUN_TIMEOUT_S = 300
 

@@ -7,7 +7,8 @@ Read in this order:
   synthetic.py     procedurally drawn faces with known attributes (the default dataset)
   sources.py       "synthetic" | shard folder | *.array_record glob | tfds:NAME → Grain source
   decode.py        bytes → RGB, with JPEG draft decoding
-  augment.py       random-resized crop, flip, ImageNet normalisation
+  augment.py       host side: random-resized crop, flip, centre square (eval: + normalisation)
+  device_augment.py  in the train step: crop, flip, normalisation of the uint8 batch
   pipeline.py      the training and evaluation iterators (the API train.py uses)
 
 Nothing is imported here: `build_shards` and its worker processes need only PIL and the record

@@ -1,13 +1,16 @@
-"""Per-image preprocessing: random-resized crop, flip and ImageNet normalisation, as Grain maps.
+"""Per-image preprocessing on the host: random-resized crop, flip, centre square, as Grain maps.
 
-`TrainPreprocess` (a Grain RandomMap: its numpy Generator comes from (seed, element index), so a
-crop is a pure function of the seed and the position in the stream) and `EvalPreprocess` (centre
-square, resize, no randomness) turn a raw example from `sources.py`,
+`TrainPreprocess` (data.augment_on=host; a Grain RandomMap: its numpy Generator comes from (seed,
+element index), so a crop is a pure function of the seed and the position in the stream),
+`SourcePreprocess` (data.augment_on=device: centre square at the fixed size the step crops from,
+no randomness; the crop and flip happen in the step, see `device_augment.py`) and `EvalPreprocess`
+(centre square, resize, no randomness) turn a raw example from `sources.py`,
 
     {"id": str, "labels": {name: value}, "image": bytes | uint8 [H, W, 3]}
 
-into `{"image": uint8 [S, S, 3], ...}` (normalised to float32 when batched, by
-`normalize_into`). A record that cannot be decoded becomes
+into `{"image": uint8 [S, S, 3], ...}`. Training batches stay uint8 (the step normalises on the
+device); evaluation batches are normalised to float32 by `normalize_into`. A record that cannot
+be decoded becomes
 `{"id": ..., "error": reason}` instead of raising: the pipeline drops and counts those (see
 `pipeline.py`), so one broken JPEG never stops a run.
 
@@ -97,13 +100,16 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
 
 
 def crop_resize(data: bytes | np.ndarray, box_fn, size: int, flip: bool = False) -> np.ndarray:
-    """Decodes `data`, crops `box_fn(width, height)` and resizes it: uint8 [size, size, 3]."""
-    image = decode.open_image(data)
-    box = box_fn(*image.size)
-    image, box = decode.reduce_for(image, box, size)
-    image = decode.to_rgb(image).resize((size, size), Image.BILINEAR, box=box)
+    """Decodes `data`, crops `box_fn(width, height)` and resizes it: uint8 [size, size, 3].
+
+    A box that is the whole decoded image at exactly `size` px (a 224 px face read for a 224 px
+    model) is passed through without resampling.
+    """
+    image, box = decode.decode_for_box(data, box_fn, size)
+    if box != (0, 0, size, size) or decode.image_size(image) != (size, size):
+        image = decode.as_pil(image).resize((size, size), Image.BILINEAR, box=box)
     if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = decode.as_pil(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(image)
 
 
@@ -131,6 +137,32 @@ class TrainPreprocess(grain.transforms.RandomMap):
                 example["image"],
                 lambda w, h: sample_crop_box(w, h, rng, self.scale, self.ratio),
                 self.image_size, flip)
+        except Exception as err:  # noqa: BLE001 - any broken record is skipped and counted
+            return _failure(example, err)
+        out = {"image": pixels}
+        if self.keep_id:
+            out["id"] = example["id"]
+        return out
+
+
+class SourcePreprocess(grain.transforms.Map):
+    """Raw example → {"image": uint8 [S, S, 3]} (+ "id" when `keep_id`): the centre square at the
+    size the device crops from (data.augment_on=device).
+
+    Faces are centred by the crop that made them, and every face set here is square, so for them
+    the centre square is the whole image and the device crop sees what the host crop would. A
+    non-square source loses its sides (use data.augment_on=host to crop from the full frame).
+    """
+
+    def __init__(self, image_size: int, keep_id: bool = False):
+        self.image_size = int(image_size)
+        self.keep_id = keep_id
+
+    def map(self, example: dict) -> dict:
+        if "error" in example:
+            return example
+        try:
+            pixels = crop_resize(example["image"], center_box, self.image_size)
         except Exception as err:  # noqa: BLE001 - any broken record is skipped and counted
             return _failure(example, err)
         out = {"image": pixels}
