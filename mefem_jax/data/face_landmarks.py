@@ -66,8 +66,11 @@ def model_path() -> str:
 
 def check_available() -> None:
     """LandmarksUnavailable (one line naming the install command) unless both packages are there."""
-    if importlib.util.find_spec("dlib") is None:
-        raise LandmarksUnavailable(f"face alignment and landmark labels need dlib: {INSTALL_HINT}")
+    try:
+        import dlib  # noqa: F401 - a broken or partial install fails here, not in a worker
+    except ImportError as err:
+        raise LandmarksUnavailable(f"face alignment and landmark labels need dlib ({err}): "
+                                   f"{INSTALL_HINT}") from None
     model_path()
 
 
