@@ -10,10 +10,10 @@ Which face, and when to trust it (the policies `build_shards --align` documents)
 
 * several faces: `largest` (default) keeps the largest detection; `skip` drops the photo, for
   folders where a second face means the photo is not a patient portrait.
-* a poor landmark fit (`fit_problem`): landmarks that do not make a face (eyes not level with each
-  other within 45 degrees after the detector's own upright search, a nose or mouth that is not below
-  the eyes, an eye distance out of proportion to the detection box, points far outside it) are
-  skipped by default (`--poor_fit=skip`) or kept (`keep`).
+* a poor landmark fit (`fit_problem`): landmarks that do not make a face (an eye line tilted more
+  than 45 degrees, a nose or mouth that is not below the eyes, an eye distance under 0.2 or over
+  0.8 of the detection box's width, points far outside the box) are skipped by default
+  (`--poor_fit=skip`) or kept (`keep`).
 * a face too small for the framing (more than 4x upscaling) is skipped: its crop would be blur.
 """
 from __future__ import annotations
