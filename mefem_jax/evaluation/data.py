@@ -17,10 +17,10 @@ start with the age) has no representative first N; `csv=FILE` names the labels C
 folder (default labels.csv); `images=DIR` the image folder (default `images/` beside the CSV if it
 exists, else the CSV's folder); `id=COLUMN` the column naming each image file (default the first of
 file, filename, image, path). Any other `key=value` keeps rows whose label `key` equals `value`
-(`|` separates alternatives): the row filter grammar of `mefem_jax.data.csv_text`, which the shard
-builder's `--filter` shares, so one filter reads the same in both. `split=NAME` is that filter too, except for `synthetic` and `tfds:`
-sources, whose splits are separate sets: there it picks the set (default: train for --train, test
-otherwise). A tail without `=` is not options: `synthetic:test` stays one source.
+(`|` separates alternatives; cells compared with surrounding spaces stripped): the row filter
+grammar of `mefem_jax.data.csv_text`, which the shard builder's `--filter` shares. `split=NAME` is
+that filter too, except for `synthetic` and `tfds:` sources, whose splits are separate sets: there
+it picks the set (default: train for --train, test otherwise). A tail without `=` is not options: `synthetic:test` stays one source.
 
 Folder + CSV sources are read here; each image gets the shard pipeline's eval preprocessing
 (`data.augment`: centre square, resize to the model size, ImageNet mean/std), so a folder and the
