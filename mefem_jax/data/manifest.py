@@ -12,6 +12,16 @@ folder with a manifest is complete and one without is not a dataset yet. Fields:
     unlisted_images      image files in the folder that the labels CSV does not mention
     options, source      how the build was made (sizes, filters, input paths)
     fingerprint          hash of the inputs and options; a re-run with the same one is a no-op
+
+Builds made with the face step (`--align` / `--landmark_labels`, the `landmarks` extra) add:
+
+    faces                {"landmark_model": the model and its licence (iBUG 300-W: non-commercial
+                         use only), "aligned": bool, "framing": face_align.Framing.describe() or
+                         null, "policies": {"faces", "poor_fit"}, "photos": rows planned, "kept":
+                         records written, "detection_rate": kept / photos, "several_faces": [file,
+                         …] (photos where more than one face was found; the largest was kept)}
+    landmark_labels      {"names": face_proportions.NAMES (also in label_schema, as "float"),
+                         "csv": "landmark_labels.csv", "definition", "licence"}
 """
 from __future__ import annotations
 

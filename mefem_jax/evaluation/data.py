@@ -17,9 +17,10 @@ start with the age) has no representative first N; `csv=FILE` names the labels C
 folder (default labels.csv); `images=DIR` the image folder (default `images/` beside the CSV if it
 exists, else the CSV's folder); `id=COLUMN` the column naming each image file (default the first of
 file, filename, image, path). Any other `key=value` keeps rows whose label `key` equals `value`
-(`|` separates alternatives). `split=NAME` is that filter too, except for `synthetic` and `tfds:`
-sources, whose splits are separate sets: there it picks the set (default: train for --train, test
-otherwise). A tail without `=` is not options: `synthetic:test` stays one source.
+(`|` separates alternatives; cells compared with surrounding spaces stripped): the row filter
+grammar of `mefem_jax.data.csv_text`, which the shard builder's `--filter` shares. `split=NAME` is
+that filter too, except for `synthetic` and `tfds:` sources, whose splits are separate sets: there
+it picks the set (default: train for --train, test otherwise). A tail without `=` is not options: `synthetic:test` stays one source.
 
 Folder + CSV sources are read here; each image gets the shard pipeline's eval preprocessing
 (`data.augment`: centre square, resize to the model size, ImageNet mean/std), so a folder and the
@@ -71,8 +72,16 @@ class DataSpec:
         return self._count("sample")
 
     @property
+    def clauses(self) -> tuple[csv_text.Clause, ...]:
+        """The row filters: every option that is not a reserved word (csv_text's grammar)."""
+        try:
+            return tuple(csv_text.clause(k, v) for k, v in self.options if k not in _RESERVED)
+        except csv_text.CsvTextError as err:
+            raise DataSpecError(f"{self}: {err}") from None
+
+    @property
     def filters(self) -> dict[str, set[str]]:
-        return {k: set(v.split("|")) for k, v in self.options if k not in _RESERVED}
+        return {c.column: set(c.values) for c in self.clauses}
 
     def __str__(self) -> str:
         tail = ",".join(f"{k}={v}" for k, v in self.options)
@@ -126,22 +135,15 @@ def read_folder_table(spec: DataSpec) -> FolderTable:
     if not image_dir.is_dir():
         raise DataSpecError(f"{spec}: image folder {image_dir} does not exist")
 
-    try:
-        header, rows = csv_text.read_rows(str(csv_path))
-    except csv_text.CsvTextError as err:  # names the file and line, as a spec error the CLI prints
-        raise DataSpecError(str(err)) from None
-    if not header:
-        raise DataSpecError(f"{csv_path} is empty")
+    try:  # one reader and one filter grammar with the shard builder; errors name the file and line
+        table = csv_text.read_table(str(csv_path), spec.clauses)
+    except csv_text.CsvTextError as err:
+        raise DataSpecError(f"{spec}: {err}") from None
+    header, rows = table.header, [r for _, r in table.rows]
     id_column = opts.get("id") or next((c for c in ID_COLUMNS if c in header), None)
     if id_column not in header:
         raise DataSpecError(f"{csv_path}: no image column (looked for {opts.get('id') or ID_COLUMNS}); "
                             f"columns are {header}; name one with id=COLUMN")
-    for key, allowed in spec.filters.items():
-        if key not in header:
-            raise DataSpecError(f"{spec}: filter on unknown column {key!r}; columns are {header}")
-        rows = [r for r in rows if r[key] in allowed]
-    if not rows:
-        raise DataSpecError(f"{spec}: no rows of {csv_path} pass the filters {spec.filters}")
     seen, duplicates = set(), []
     for r in rows:  # ids name embeddings (and pairs), so they must be unique
         if r[id_column] in seen:
@@ -279,7 +281,7 @@ def _pipeline_batches(spec: DataSpec, image_size: int, batch_size: int, default_
             if key not in batch:
                 raise DataSpecError(f"{spec}: filter on unknown label {key!r}; labels are "
                                     f"{sorted(k for k in batch if k not in ('image', 'id'))}")
-            keep &= np.isin(np.asarray(batch[key]).astype(str), list(allowed))
+            keep &= np.isin(np.char.strip(np.asarray(batch[key]).astype(str)), list(allowed))
         if remaining is not None:
             keep &= np.cumsum(keep) <= remaining
             remaining -= int(keep.sum())

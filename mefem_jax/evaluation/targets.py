@@ -5,6 +5,13 @@
 Comma-separated; each target ends with `:KIND`. Regression and classification take one label
 column; survival takes two, the follow-up time then the event flag (1 = event, 0 = censored).
 
+    --targets=anthropometry            every facial proportion of `build_shards --landmark_labels`
+    --targets=anthropometry,age:regression
+
+`anthropometry` stands for one regression target per proportion (`face_proportions.NAMES`: eye
+width, nose length, ... each over the inter-ocular distance), so any folder built with landmark
+labels, or its landmark_labels.csv, yields an anthropometric benchmark in one run.
+
 A row whose label is empty (or NaN) for a target is left out of that target's probe and counted
 (`n_missing_*` in the report); a label that is present but unusable (text in a regression or
 survival column) is an error naming the column and examples, since it means the wrong column.
@@ -16,11 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from mefem_jax.data.face_proportions import NAMES as PROPORTIONS
 from mefem_jax.evaluation import bootstrap
 from mefem_jax.evaluation.probes import ProbeError, fit_classification_probe, fit_regression_probe
 from mefem_jax.evaluation.survival import SurvivalError, fit_survival_probe
 
 KINDS = {"regression": 1, "classification": 1, "survival": 2}  # kind -> number of columns
+# Names that stand for several targets at once.
+PRESETS = {"anthropometry": tuple((name, "regression") for name in PROPORTIONS)}
 
 
 class TargetError(ValueError):
@@ -42,6 +52,9 @@ def parse_targets(text: str) -> list[Target]:
     for token in (t.strip() for t in text.split(",")):
         if not token:
             raise TargetError(f"--targets={text!r}: empty entry")
+        if token in PRESETS and not pending:
+            targets += [Target(kind, (column,)) for column, kind in PRESETS[token]]
+            continue
         name, sep, kind = token.rpartition(":")
         if not sep:
             pending.append(token)  # a column of a multi-column target; its kind comes later
@@ -58,6 +71,10 @@ def parse_targets(text: str) -> list[Target]:
         raise TargetError(f"--targets: {pending} lack a :KIND (one of {sorted(KINDS)})")
     if not targets:
         raise TargetError("--targets is empty")
+    seen = [t.name for t in targets]
+    twice = sorted({n for n in seen if seen.count(n) > 1})
+    if twice:
+        raise TargetError(f"--targets names {twice} twice")
     return targets
 
 
@@ -65,7 +82,10 @@ def check_columns(targets: list[Target], available: list[str], where: str) -> No
     for t in targets:
         unknown = [c for c in t.columns if c not in available]
         if unknown:
-            raise TargetError(f"target column(s) {unknown} not in the {where} data; its labels are {sorted(available)}")
+            hint = ("; facial proportions come from `build_shards --landmark_labels` (its shards, or "
+                    "landmark_labels.csv)" if set(unknown) <= set(PROPORTIONS) else "")
+            raise TargetError(f"target column(s) {unknown} not in the {where} data; its labels are "
+                              f"{sorted(available)}{hint}")
 
 
 def _missing(values: np.ndarray) -> np.ndarray:

@@ -1,0 +1,101 @@
+"""One image for a shard: validated fully, its bytes kept when possible, or the reason to skip it.
+
+JPEG and PNG files go in byte for byte; an image is re-encoded (JPEG, --jpeg_quality) only when it
+must change: downscaled, turned by its EXIF orientation, in another format, or aligned
+(`shard_faces`). With --align or --landmark_labels the face step runs on the decoded photo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mefem_jax.data import decode
+from mefem_jax.data.shard_plan import BuildOptions
+
+_KEPT_FORMATS = ("JPEG", "PNG")
+_EXIF_ORIENTATION = 0x0112
+
+
+class SkipImage(Exception):
+    """This image cannot be used; the message is the reason written to the manifest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    image: bytes                       # what the record stores
+    labels: dict = dataclasses.field(default_factory=dict)  # labels the face step adds
+    faces_found: int = 0               # faces detected (face step only)
+
+
+def _target_size(width: int, height: int, opts: BuildOptions) -> tuple[int, int] | None:
+    scale = 1.0
+    if opts.image_size and min(width, height) > opts.image_size:
+        scale = opts.image_size / min(width, height)
+    if max(width, height) * scale > opts.max_side:
+        scale = opts.max_side / max(width, height)
+    if scale >= 1.0:
+        return None
+    return (max(1, round(width * scale)), max(1, round(height * scale)))
+
+
+def _encode(image: Image.Image, quality: int) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def prepare_image(path: str, opts: BuildOptions) -> bytes:
+    """The bytes to store for one image file, or SkipImage(reason)."""
+    return prepare(path, opts).image
+
+
+def prepare(path: str, opts: BuildOptions) -> Prepared:
+    """What to store for one image file (bytes, and the face step's labels), or SkipImage(reason)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise SkipImage("empty file")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        fmt = image.format
+    except Image.DecompressionBombError as err:
+        raise SkipImage(f"too many pixels to decode safely: {err}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise SkipImage(f"not an image PIL can read ({type(err).__name__})") from None
+    if min(width, height) < opts.min_side:
+        raise SkipImage(f"too small: {width}x{height} px (--min_side={opts.min_side})")
+    target = _target_size(width, height, opts)
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop the face
+        orientation = 1
+    if target and fmt == "JPEG":
+        image.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale when that is still enough
+    try:
+        image.load()  # the full decode is what finds truncated and corrupt files
+    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError…
+        raise SkipImage(f"truncated or corrupt {fmt or 'image'}: {err}") from None
+    unchanged = target is None and orientation in (None, 1) and fmt in _KEPT_FORMATS
+    if unchanged and not opts.uses_faces:
+        return Prepared(data)
+    if orientation not in (None, 1):
+        image = ImageOps.exif_transpose(image)
+        if target and orientation in (5, 6, 7, 8):  # quarter turns swap width and height
+            target = target[::-1]
+    rgb = decode.to_rgb(image)
+    if target:
+        rgb = rgb.resize(target, Image.BICUBIC, reducing_gap=2.0)
+    if opts.uses_faces:
+        from mefem_jax.data import shard_faces  # dlib: only for builds that use faces
+
+        try:
+            aligned, labels, found = shard_faces.face_step(rgb, opts)
+        except shard_faces.NoUsableFace as err:
+            raise SkipImage(str(err)) from None
+        if aligned is not None:
+            return Prepared(_encode(aligned, opts.jpeg_quality), labels, found)
+        return Prepared(data if unchanged else _encode(rgb, opts.jpeg_quality), labels, found)
+    return Prepared(_encode(rgb, opts.jpeg_quality))

@@ -1,0 +1,129 @@
+"""Writing one shard, and keeping the output folder safe.
+
+A shard is written to a temporary file renamed into place only when complete, then its status
+file (OUT/.build/SHARD.json) records what went in, so an interrupted build keeps its finished
+shards. The builder deletes files only in a folder that holds a build of ours.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+
+from mefem_jax.data import manifest as manifest_lib
+from mefem_jax.data import records
+from mefem_jax.data.shard_image import SkipImage, prepare
+from mefem_jax.data.shard_plan import BuildOptions, Row
+
+log = logging.getLogger("build_shards")
+
+STATUS_DIR = ".build"
+# Written into .build/ before anything else: marks a folder holding an unfinished build of ours,
+# the only kind (besides one with our manifest) whose leftovers the builder may delete.
+BUILD_MARK = "builder.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    index: int
+    file: str
+    rows: tuple[Row, ...]
+    fingerprint: str
+    opts: BuildOptions
+
+
+def status_path(opts: BuildOptions, file: str) -> str:
+    return os.path.join(opts.out, STATUS_DIR, file + ".json")
+
+
+def write_shard(job: ShardJob) -> dict:
+    """Writes one shard; returns its status: counts, skipped files, and with the face step the
+    files where several faces were found and each record's landmark labels."""
+    from array_record.python import array_record_module
+
+    final = os.path.join(job.opts.out, job.file)
+    tmp = f"{final}.tmp.{os.getpid()}"
+    skipped, several, face_labels, count = [], [], {}, 0
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    try:
+        for row in job.rows:
+            try:
+                prepared = prepare(row.path, job.opts)
+            except SkipImage as err:
+                skipped.append({"file": row.file, "reason": str(err)})
+                continue
+            except OSError as err:  # unreadable file (permissions, vanished mid-build)
+                skipped.append({"file": row.file, "reason": f"cannot read: {err}"})
+                continue
+            labels = {**dict(row.labels), **prepared.labels}
+            writer.write(records.encode_record(row.file, labels, prepared.image))
+            count += 1
+            if prepared.faces_found > 1:
+                several.append(row.file)
+            if prepared.labels:
+                face_labels[row.file] = labels
+    finally:
+        writer.close()
+    os.replace(tmp, final)
+    status = {"fingerprint": job.fingerprint, "file": job.file, "num_records": count,
+              "bytes": os.path.getsize(final), "skipped": skipped}
+    if job.opts.uses_faces:
+        status.update(several_faces=several, face_labels=face_labels)
+    manifest_lib.write_json_atomic(status_path(job.opts, job.file), status)
+    return status
+
+
+def reusable(opts: BuildOptions, file: str, fingerprint: str) -> dict | None:
+    """The status of a shard finished by an earlier (interrupted) run with the same inputs."""
+    try:
+        with open(status_path(opts, file), encoding="utf-8") as f:
+            status = json.load(f)
+        if (status["fingerprint"] == fingerprint
+                and os.path.getsize(os.path.join(opts.out, file)) == status["bytes"]):
+            return status
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def remove_stale(opts: BuildOptions, expected: set[str]) -> None:
+    """Deletes leftovers of other builds under this name: temp files, shards of another count.
+    Only called on a folder `check_out_folder` accepted as ours."""
+    pattern = os.path.join(opts.out, f"{opts.name}-?????-of-?????{manifest_lib.SHARD_SUFFIX}")
+    for path in glob.glob(pattern) + glob.glob(pattern + ".tmp.*"):
+        if os.path.basename(path) not in expected:
+            log.info("removing %s: left by an earlier build of this folder", path)
+            os.remove(path)
+
+
+def _is_our_build_mark(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("format") == manifest_lib.FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out_folder(opts: BuildOptions) -> None:
+    """Refuses an --out holding anything but a build of ours: the builder deletes shard-like
+    files, temp files and .build/ in its folder, which in someone else's folder are not ours."""
+    if os.path.exists(opts.out) and not os.path.isdir(opts.out):
+        raise FileExistsError(f"--out {opts.out} is a file, not a folder")
+    if not os.path.isdir(opts.out) or not os.listdir(opts.out):
+        return  # new or empty
+    if os.path.exists(os.path.join(opts.out, manifest_lib.MANIFEST_NAME)):
+        manifest_lib.read_manifest(opts.out)  # ours, or ValueError naming the file
+        return
+    if _is_our_build_mark(os.path.join(opts.out, STATUS_DIR, BUILD_MARK)):
+        return  # an interrupted build of ours
+    raise FileExistsError(f"{opts.out} is not empty and holds no shard build (no "
+                          f"{manifest_lib.MANIFEST_NAME}); pick a new or empty --out")
+
+
+def mark_build(opts: BuildOptions) -> None:
+    status_dir = os.path.join(opts.out, STATUS_DIR)
+    os.makedirs(status_dir, exist_ok=True)
+    manifest_lib.write_json_atomic(os.path.join(status_dir, BUILD_MARK),
+                                   {"format": manifest_lib.FORMAT, "state": "building"})
