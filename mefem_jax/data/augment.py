@@ -113,8 +113,22 @@ def crop_resize(data: bytes | np.ndarray, box_fn, size: int, flip: bool = False)
     return np.asarray(image)
 
 
-def _failure(example: dict, err: Exception) -> dict:
-    return {"id": example.get("id", "?"), "error": f"{type(err).__name__}: {err}"}
+def _cropped(example: dict, box_fn, size: int, flip: bool = False, keep_id: bool = False,
+             keep_labels: bool = False) -> dict:
+    """{"image": uint8 [size, size, 3]} (+ "id", + the labels) of a raw example, or its failure record
+    {"id", "error"}: a broken record is skipped and counted downstream, never raised."""
+    if "error" in example:
+        return example
+    try:
+        pixels = crop_resize(example["image"], box_fn, size, flip)
+    except Exception as err:  # noqa: BLE001 - any broken record is skipped and counted
+        return {"id": example.get("id", "?"), "error": f"{type(err).__name__}: {err}"}
+    out = {"image": pixels}
+    if keep_id or keep_labels:
+        out["id"] = example["id"]
+    if keep_labels:
+        out.update(example["labels"])
+    return out
 
 
 class TrainPreprocess(grain.transforms.RandomMap):
@@ -131,18 +145,9 @@ class TrainPreprocess(grain.transforms.RandomMap):
     def random_map(self, example: dict, rng: np.random.Generator) -> dict:
         if "error" in example:
             return example
-        try:
-            flip = self.flip and rng.random() < 0.5
-            pixels = crop_resize(
-                example["image"],
-                lambda w, h: sample_crop_box(w, h, rng, self.scale, self.ratio),
-                self.image_size, flip)
-        except Exception as err:  # noqa: BLE001 - any broken record is skipped and counted
-            return _failure(example, err)
-        out = {"image": pixels}
-        if self.keep_id:
-            out["id"] = example["id"]
-        return out
+        flip = self.flip and rng.random() < 0.5
+        return _cropped(example, lambda w, h: sample_crop_box(w, h, rng, self.scale, self.ratio),
+                        self.image_size, flip, keep_id=self.keep_id)
 
 
 class SourcePreprocess(grain.transforms.Map):
@@ -159,16 +164,7 @@ class SourcePreprocess(grain.transforms.Map):
         self.keep_id = keep_id
 
     def map(self, example: dict) -> dict:
-        if "error" in example:
-            return example
-        try:
-            pixels = crop_resize(example["image"], center_box, self.image_size)
-        except Exception as err:  # noqa: BLE001 - any broken record is skipped and counted
-            return _failure(example, err)
-        out = {"image": pixels}
-        if self.keep_id:
-            out["id"] = example["id"]
-        return out
+        return _cropped(example, center_box, self.image_size, keep_id=self.keep_id)
 
 
 class EvalPreprocess(grain.transforms.Map):
@@ -178,10 +174,4 @@ class EvalPreprocess(grain.transforms.Map):
         self.image_size = int(image_size)
 
     def map(self, example: dict) -> dict:
-        if "error" in example:
-            return example
-        try:
-            pixels = crop_resize(example["image"], center_box, self.image_size)
-        except Exception as err:  # noqa: BLE001 - any broken record is skipped and counted
-            return _failure(example, err)
-        return {"image": pixels, "id": example["id"], **example["labels"]}
+        return _cropped(example, center_box, self.image_size, keep_labels=True)
