@@ -25,3 +25,42 @@ quote() {
   done
   printf '%s' "${words[*]}"
 }
+
+# The option loop both launchers share. `parse_options FLAGS VALUED "$@"`: FLAGS and VALUED are the
+# launcher's option names (space-separated) that take no value and one value (`--opt=v` or `--opt v`).
+# Each option found is handed to the launcher's own `set_option NAME VALUE`; everything after `--`
+# goes to TRAIN_ARGS; -h / --help prints the launcher's `usage`. Anything else is one `die` line.
+parse_options() {
+  local flags=" $1 " valued=" $2 " opt value has_value
+  shift 2
+  while (($#)); do
+    opt=$1
+    shift
+    value=""
+    has_value=0
+    if [[ $opt == --*=* ]]; then
+      value=${opt#*=}
+      opt=${opt%%=*}
+      has_value=1
+    fi
+    if [[ $opt == -- ]]; then
+      # shellcheck disable=SC2034  # read by the launcher that sourced this file
+      TRAIN_ARGS=("$@")
+      return
+    elif [[ $opt == -h || $opt == --help ]]; then
+      usage
+      exit 0
+    elif [[ $flags == *" $opt "* ]]; then
+      if ((has_value)); then die "$opt takes no value"; fi
+    elif [[ $valued == *" $opt "* ]]; then
+      if ((!has_value)); then
+        if (($# == 0)); then die "$opt needs a value"; fi
+        value=$1
+        shift
+      fi
+    else
+      die "unknown option '$opt' (training arguments go after '--')"
+    fi
+    set_option "$opt" "$value"
+  done
+}

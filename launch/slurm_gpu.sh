@@ -126,53 +126,31 @@ srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
 EOF
 }
 
+set_option() { # NAME VALUE, from parse_options (lib.sh)
+  case $1 in
+    --dry-run) DRY_RUN=1 ;;
+    --workdir) WORKDIR=$2 ;;
+    --nodes) NODES=$2 ;;
+    --gpus-per-node) GPUS_PER_NODE=$2 ;;
+    --cpus-per-task) CPUS_PER_TASK=$2 ;;
+    --partition) PARTITION=$2 ;;
+    --account) ACCOUNT=$2 ;;
+    --time) TIME_LIMIT=$2 ;;
+    --job-name) JOB_NAME=$2 ;;
+    --sbatch-arg) SBATCH_ARGS+=("$2") ;;
+    --config) CONFIG=$2 ;;
+    --venv) VENV=$2 ;;
+    --setup) SETUP+=("$2") ;;
+    --env) ENV_VARS+=("$2") ;;
+    --python) PYTHON=$2 ;;
+    --coordinator-port) COORDINATOR_PORT=$2 ;;
+    --log-dir) LOG_DIR=$2 ;;
+  esac
+}
+
 parse_args() {
-  local opt value has_value
-  while (($#)); do
-    opt=$1
-    shift
-    has_value=0
-    if [[ $opt == --*=* ]]; then
-      value=${opt#*=}
-      opt=${opt%%=*}
-      has_value=1
-    fi
-    case $opt in
-      --) TRAIN_ARGS=("$@"); break ;;
-      -h | --help) usage; exit 0 ;;
-      --dry-run)
-        if ((has_value)); then die "$opt takes no value"; fi ;;
-      --workdir | --nodes | --gpus-per-node | --cpus-per-task | --partition | --account | --time | \
-        --job-name | --sbatch-arg | --config | --venv | --setup | --env | --python | \
-        --coordinator-port | --log-dir)
-        if ((!has_value)); then
-          if (($# == 0)); then die "$opt needs a value"; fi
-          value=$1
-          shift
-        fi
-        ;;
-      *) die "unknown option '$opt' (training arguments go after '--')" ;;
-    esac
-    case $opt in
-      --dry-run) DRY_RUN=1 ;;
-      --workdir) WORKDIR=$value ;;
-      --nodes) NODES=$value ;;
-      --gpus-per-node) GPUS_PER_NODE=$value ;;
-      --cpus-per-task) CPUS_PER_TASK=$value ;;
-      --partition) PARTITION=$value ;;
-      --account) ACCOUNT=$value ;;
-      --time) TIME_LIMIT=$value ;;
-      --job-name) JOB_NAME=$value ;;
-      --sbatch-arg) SBATCH_ARGS+=("$value") ;;
-      --config) CONFIG=$value ;;
-      --venv) VENV=$value ;;
-      --setup) SETUP+=("$value") ;;
-      --env) ENV_VARS+=("$value") ;;
-      --python) PYTHON=$value ;;
-      --coordinator-port) COORDINATOR_PORT=$value ;;
-      --log-dir) LOG_DIR=$value ;;
-    esac
-  done
+  parse_options "--dry-run" "--workdir --nodes --gpus-per-node --cpus-per-task --partition --account \
+--time --job-name --sbatch-arg --config --venv --setup --env --python --coordinator-port --log-dir" "$@"
 }
 
 validate() {

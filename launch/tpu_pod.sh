@@ -287,52 +287,31 @@ parse_args() {
     *) die "unknown subcommand '$1' (one of: create install train logs stop delete all)" ;;
   esac
   shift
-  local opt value has_value
-  while (($#)); do
-    opt=$1
-    shift
-    has_value=0
-    if [[ $opt == --*=* ]]; then
-      value=${opt#*=}
-      opt=${opt%%=*}
-      has_value=1
-    fi
-    case $opt in
-      --) TRAIN_ARGS=("$@"); break ;;
-      -h | --help) usage; exit 0 ;;
-      --dry-run | --queued | --spot | --preemptible | --foreground | --no-check)
-        if ((has_value)); then die "$opt takes no value"; fi ;;
-      --name | --zone | --project | --accelerator-type | --version | --create-arg | --install-from | \
-        --python-version | --config | --workdir | --env | --worker)
-        if ((!has_value)); then
-          if (($# == 0)); then die "$opt needs a value"; fi
-          value=$1
-          shift
-        fi
-        ;;
-      *) die "unknown option '$opt' (training arguments go after '--')" ;;
-    esac
-    case $opt in
-      --dry-run) DRY_RUN=1 ;;
-      --no-check) NO_CHECK=1 ;;
-      --queued) QUEUED=1 ;;
-      --spot) SPOT=1 ;;
-      --preemptible) PREEMPTIBLE=1 ;;
-      --foreground) FOREGROUND=1 ;;
-      --name) NAME=$value ;;
-      --zone) ZONE=$value ;;
-      --project) PROJECT=$value ;;
-      --accelerator-type) ACCELERATOR=$value ;;
-      --version) VERSION=$value ;;
-      --create-arg) CREATE_ARGS+=("$value") ;;
-      --install-from) INSTALL_FROM=$value ;;
-      --python-version) PYTHON_VERSION=$value ;;
-      --config) CONFIG=$value ;;
-      --workdir) WORKDIR=$value ;;
-      --env) ENV_VARS+=("$value") ;;
-      --worker) LOG_WORKER=$value ;;
-    esac
-  done
+  parse_options "--dry-run --queued --spot --preemptible --foreground --no-check" "--name --zone --project \
+--accelerator-type --version --create-arg --install-from --python-version --config --workdir --env --worker" "$@"
+}
+
+set_option() { # NAME VALUE, from parse_options (lib.sh)
+  case $1 in
+    --dry-run) DRY_RUN=1 ;;
+    --no-check) NO_CHECK=1 ;;
+    --queued) QUEUED=1 ;;
+    --spot) SPOT=1 ;;
+    --preemptible) PREEMPTIBLE=1 ;;
+    --foreground) FOREGROUND=1 ;;
+    --name) NAME=$2 ;;
+    --zone) ZONE=$2 ;;
+    --project) PROJECT=$2 ;;
+    --accelerator-type) ACCELERATOR=$2 ;;
+    --version) VERSION=$2 ;;
+    --create-arg) CREATE_ARGS+=("$2") ;;
+    --install-from) INSTALL_FROM=$2 ;;
+    --python-version) PYTHON_VERSION=$2 ;;
+    --config) CONFIG=$2 ;;
+    --workdir) WORKDIR=$2 ;;
+    --env) ENV_VARS+=("$2") ;;
+    --worker) LOG_WORKER=$2 ;;
+  esac
 }
 
 validate() {
