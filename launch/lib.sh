@@ -1,6 +1,13 @@
 # Shell helpers both launchers source (tpu_pod.sh, slurm_gpu.sh). Not a script of its own.
 # shellcheck shell=bash
 
+# Written for bash >= 4.4 (arrays that may be empty under `set -u`); checked here, where both
+# launchers pass first. Nothing above this line may need more than bash 3.
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
+  echo "${0##*/}: needs bash >= 4.4 (this is ${BASH_VERSION}; on macOS: brew install bash)" >&2
+  exit 2
+fi
+
 die() { # a usage error: say what is wrong and how to get help
   echo "${0##*/}: error: $*" >&2  # $0: the launcher that sourced this file
   echo "run 'launch/${0##*/} -h' for usage" >&2
@@ -62,5 +69,19 @@ parse_options() {
       die "unknown option '$opt' (training arguments go after '--')"
     fi
     set_option "$opt" "$value"
+  done
+}
+
+# Refuses training arguments (after `--`) that the launcher sets itself; $1 ends the line said for
+# the multi-process flags (why they are not the user's to give).
+check_train_args() {
+  local arg
+  for arg in "${TRAIN_ARGS[@]}"; do
+    case $arg in
+      --config | --config=* | --workdir | --workdir=*)
+        die "pass ${arg%%=*} to the launcher (before '--'), not to training" ;;
+      --coordinator_address* | --num_processes* | --process_id*)
+        die "'${arg%%=*}' $1" ;;
+    esac
   done
 }

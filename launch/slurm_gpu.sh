@@ -9,14 +9,9 @@
 # `launch/slurm_gpu.sh -h` lists the options; launch/README.md walks through a run.
 set -euo pipefail
 
-if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
-  echo "slurm_gpu.sh: needs bash >= 4.4 (this is ${BASH_VERSION})" >&2
-  exit 2
-fi
-
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=/dev/null  # lib.sh is checked on its own (tests/test_launch.py)
-source "$ROOT/launch/lib.sh"  # die, quote
+source "$ROOT/launch/lib.sh"  # the bash version check, die, quote, parse_options, check_train_args
 readonly ROOT
 # SLURM sends SIGTERM this long before the time limit; training saves a checkpoint on SIGTERM.
 readonly TERM_LEAD_SECONDS=300
@@ -189,15 +184,7 @@ validate() {
   LOG_DIR=$(absolute "$LOG_DIR")
   [[ $ROOT != *[[:space:]]* ]] || die "the checkout path '$ROOT' contains whitespace, which #SBATCH --chdir cannot hold"
   [[ $LOG_DIR != *[[:space:]]* ]] || die "--log-dir '$LOG_DIR' contains whitespace, which #SBATCH --output cannot hold"
-  local arg
-  for arg in "${TRAIN_ARGS[@]}"; do
-    case $arg in
-      --config | --config=* | --workdir | --workdir=*)
-        die "pass ${arg%%=*} to the launcher (before '--'), not to training" ;;
-      --coordinator_address* | --num_processes* | --process_id*)
-        die "'${arg%%=*}' is set by the job script for each process" ;;
-    esac
-  done
+  check_train_args "is set by the job script for each process"
 }
 
 main() {

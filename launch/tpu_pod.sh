@@ -9,14 +9,9 @@
 # `launch/tpu_pod.sh -h` lists the subcommands and options; launch/README.md walks through a run.
 set -euo pipefail
 
-if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
-  echo "tpu_pod.sh: needs bash >= 4.4 (this is ${BASH_VERSION}; on macOS: brew install bash)" >&2
-  exit 2
-fi
-
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=/dev/null  # lib.sh is checked on its own (tests/test_launch.py)
-source "$ROOT/launch/lib.sh"  # die, quote
+source "$ROOT/launch/lib.sh"  # the bash version check, die, quote, parse_options, check_train_args
 readonly ROOT
 # jax must match setup.py's pin (tests/test_launch.py checks); [tpu] adds the matching libtpu.
 readonly JAX_TPU='jax[tpu]==0.10.2'
@@ -370,15 +365,7 @@ validate() {
       if [[ $INSTALL_FROM != local && $config_file != configs/* ]]; then
         die "--config must live in configs/ when installing from '$INSTALL_FROM' (only configs/ is shipped)"
       fi
-      local arg
-      for arg in "${TRAIN_ARGS[@]}"; do
-        case $arg in
-          --config | --config=* | --workdir | --workdir=*)
-            die "pass ${arg%%=*} to the launcher (before '--'), not to training" ;;
-          --coordinator_address* | --num_processes* | --process_id*)
-            die "'${arg%%=*}' is not needed on TPU: the workers of a slice find each other" ;;
-        esac
-      done
+      check_train_args "is not needed on TPU: the workers of a slice find each other"
       ;;
     *)
       if ((${#TRAIN_ARGS[@]})); then die "training arguments after '--' only go with train or all"; fi
