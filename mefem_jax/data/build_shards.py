@@ -60,8 +60,7 @@ from mefem_jax.data import face_landmarks
 from mefem_jax.data import face_proportions
 from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.data import records
-from mefem_jax.data.shard_image import SkipImage, prepare_image  # noqa: F401 - the builder's API
-from mefem_jax.data.shard_plan import BuildOptions, Row, list_images, plan_rows  # noqa: F401
+from mefem_jax.data.shard_plan import BuildOptions, Row, plan_rows
 from mefem_jax.data.shard_writer import (STATUS_DIR, ShardJob, check_out_folder, mark_build,
                                          remove_stale, reusable, write_shard)
 

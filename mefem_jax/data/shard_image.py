@@ -46,11 +46,6 @@ def _encode(image: Image.Image, quality: int) -> bytes:
     return out.getvalue()
 
 
-def prepare_image(path: str, opts: BuildOptions) -> bytes:
-    """The bytes to store for one image file, or SkipImage(reason)."""
-    return prepare(path, opts).image
-
-
 def prepare(path: str, opts: BuildOptions) -> Prepared:
     """What to store for one image file (bytes, and the face step's labels), or SkipImage(reason)."""
     with open(path, "rb") as f:
