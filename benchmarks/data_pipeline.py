@@ -40,7 +40,8 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from mefem_jax.data import augment, build_shards, decode, records, sources  # noqa: E402
+from mefem_jax.data import augment, decode, records, sources  # noqa: E402
+from mefem_jax.data.shards import build as build_shards
 from mefem_jax.data import pipeline  # noqa: E402
 
 UTKFACE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "utkface"))

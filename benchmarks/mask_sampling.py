@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mefem_jax import train_step
+from mefem_jax.training import train_step
 
 REPEATS = 20
 

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from flax import traverse_util
 from torch import nn
 
-from mefem_jax.models.timm_keys import jax_to_timm_key, params_to_timm
-from mefem_jax.timm_import import import_timm
+from mefem_jax.weights.timm_keys import jax_to_timm_key, params_to_timm
+from mefem_jax.weights.timm_import import import_timm
 from mefem_jax.losses import loss_weight_grid
 from mefem_jax.models.predictor import predictor_from_config
 from mefem_jax.models.vit import encoder_dims, sincos_pos_embed, unstack_blocks
@@ -142,7 +142,7 @@ def torch_masks(ctx_idx, ctx_valid, tgt_idx, tgt_valid, cls_target, weight_grid,
 
 
 # ------------------------------------------------------------------------------------ schedules
-# Host-side mirrors of mefem_jax/optim.py (I-JEPA evaluates its schedulers on the host too); the parity
+# Host-side mirrors of mefem_jax/training/optim.py (I-JEPA evaluates its schedulers on the host too); the parity
 # test checks them against the JAX schedules.
 
 

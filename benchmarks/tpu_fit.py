@@ -32,20 +32,21 @@ def case_key(recipe: str, topology: str, num_slices: int, remat: bool) -> str:
 
 
 def run(out: str, max_compiles: int) -> None:
-    from mefem_jax import compile_check, tpu_topologies
+    from mefem_jax import compile_check
+    from mefem_jax.tpu import topologies
 
     done = set()
     if os.path.exists(out):
         with open(out) as f:
             done = {json.loads(line)["case"] for line in f if line.strip()}
     for recipe, topology, num_slices in CASES:
-        tpu = tpu_topologies.parse(topology, num_slices)
+        tpu = topologies.parse(topology, num_slices)
         devices = None
         for remat in (False, True):
             key = case_key(recipe, topology, num_slices, remat)
             if key in done:
                 continue
-            devices = devices or tpu_topologies.devices(tpu)
+            devices = devices or topologies.devices(tpu)
             config = RECIPES[recipe].get_config()
             config.model.remat = remat
             search = compile_check.find_max_batch(config, tpu, devices, max_compiles=max_compiles)
@@ -94,13 +95,13 @@ def report(path: str) -> str:
                 rows[(r["recipe"], r["topology"], r["num_slices"], r["remat"])] = r
     out = ["| recipe | slice | chips | HBM/chip | batch | peak GiB/chip, remat off / on | fits off / on | "
            "largest batch, remat off / on |", "|---|---|---:|---:|---:|---|---|---|"]
-    from mefem_jax import tpu_topologies
+    from mefem_jax.tpu import topologies
 
     for recipe, topology, num_slices in CASES:
         off, on = rows.get((recipe, topology, num_slices, False)), rows.get((recipe, topology, num_slices, True))
         if off is None or on is None:
             continue
-        tpu = tpu_topologies.parse(topology, num_slices)
+        tpu = topologies.parse(topology, num_slices)
         name = topology + (f" x {num_slices}" if num_slices > 1 else "")
         fits = " / ".join("yes" if r["at_recipe_batch"]["fits"] else "**no**" for r in (off, on))
         out.append(f"| {recipe} | {name} | {tpu.devices_total} | {tpu.generation.hbm_bytes / 2 ** 30:.0f} GiB | "

@@ -32,9 +32,9 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 
 from configs import vitb, vits  # noqa: E402
-from mefem_jax import sharding  # noqa: E402
+from mefem_jax.training import sharding  # noqa: E402
 from mefem_jax.data.pipeline import make_train_iterator  # noqa: E402
-from mefem_jax.run_setup import prepare  # noqa: E402
+from mefem_jax.training.run_setup import prepare  # noqa: E402
 
 MODES = ("host", "device")
 

@@ -11,7 +11,7 @@ runs a JAX window, a torch window and a few samples of each side's matmul peak, 
 processes on a shared machine hits all of them alike; the report is the median images/s of each side,
 the median of the per-round JAX/torch ratios and the median peaks.
 
-* JAX: `mefem_jax.train_step.make_train_step` jitted with the state donated, exactly as `train.py`
+* JAX: `mefem_jax.training.train_step.make_train_step` jitted with the state donated, exactly as `train.py`
   runs it. It draws its masks on device inside the step from `fold_in(rng, step)`.
 * PyTorch: `benchmarks/torch_reference.py` (timm modules, I-JEPA's step; eager, as I-JEPA runs).
   It gets the very masks and CLS coins the JAX step draws at the same step, sampled by the JAX masker
@@ -49,8 +49,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import vits  # noqa: E402
-from mefem_jax.flops import step_flops  # noqa: E402
-from mefem_jax.train_step import build, init_state, make_train_step  # noqa: E402
+from mefem_jax.tpu.flops import step_flops  # noqa: E402
+from mefem_jax.training.train_step import build, init_state, make_train_step  # noqa: E402
 
 UTKFACE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "utkface"))
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -434,7 +434,7 @@ def main(argv=None):
         print(report(args.report))
         return
     if not args.skip_torch:
-        from mefem_jax.timm_import import declare_torchvision_ops
+        from mefem_jax.weights.timm_import import declare_torchvision_ops
         declare_torchvision_ops()  # before timm is imported (docs/PLATFORM_NOTES.md)
 
     print(f"ViT-{args.variant}/16 {args.image_size}px batch {args.batch} {args.strategy} {args.dtype} "

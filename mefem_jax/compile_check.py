@@ -30,11 +30,12 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mefem_jax import cli, hlo_collectives, tpu_topologies  # noqa: E402
+from mefem_jax import cli  # noqa: E402
+from mefem_jax.tpu import collectives, topologies
 from mefem_jax.config import validate_config  # noqa: E402
-from mefem_jax.flops import step_flops  # noqa: E402
+from mefem_jax.tpu.flops import step_flops  # noqa: E402
 from mefem_jax.models.vit import encoder_dims  # noqa: E402
-from mefem_jax.run_setup import prepare  # noqa: E402
+from mefem_jax.training.run_setup import prepare  # noqa: E402
 
 LEVERS = ("--config.mesh.fsdp=N (shard parameters and optimizer state over N devices), "
           "--config.model.remat=True (recompute activations in the backward pass), "
@@ -51,14 +52,14 @@ def compile_step(run):
         return _first_line_with(str(e), "memory")
 
 
-def check(config, tpu: tpu_topologies.Slice, devices: list | None = None, mfu: float = 0.4) -> dict:
+def check(config, tpu: topologies.Slice, devices: list | None = None, mfu: float = 0.4) -> dict:
     """Compiles one train step of `config` for `tpu`; the report dict (see module docstring)."""
     return check_with_executable(config, tpu, devices, mfu)[0]
 
 
-def check_with_executable(config, tpu: tpu_topologies.Slice, devices: list | None = None, mfu: float = 0.4):
+def check_with_executable(config, tpu: topologies.Slice, devices: list | None = None, mfu: float = 0.4):
     """(report, compiled executable or None when XLA refused): for callers that inspect the program."""
-    devices = devices if devices is not None else tpu_topologies.devices(tpu)
+    devices = devices if devices is not None else topologies.devices(tpu)
     run = prepare(config, devices)
     gen = tpu.generation
     report = {
@@ -92,13 +93,13 @@ def check_with_executable(config, tpu: tpu_topologies.Slice, devices: list | Non
         mfu=mfu,
         step_seconds_at_mfu=flops / (len(devices) * chip_rate),
         img_per_sec_per_chip_at_mfu=run.batch_size * chip_rate / flops,
-        collectives=hlo_collectives.count(compiled.as_text()),
+        collectives=collectives.count(compiled.as_text()),
         input_shardings=_shardings_summary(compiled),
     )
     return report, compiled
 
 
-def find_max_batch(config, tpu: tpu_topologies.Slice, devices: list | None = None, max_compiles: int = 6,
+def find_max_batch(config, tpu: topologies.Slice, devices: list | None = None, max_compiles: int = 6,
                    mfu: float = 0.4, rel_tol: float = 0.05) -> dict:
     """The largest global batch (a multiple of the device count) whose step fits, by a bounded search.
 
@@ -112,7 +113,7 @@ def find_max_batch(config, tpu: tpu_topologies.Slice, devices: list | None = Non
     after a fit the line predicted, it tries `rel_tol` above it. Without two such probes it bisects.
     It stops when the bracket is within `rel_tol` (or one example per device), or after `max_compiles`.
     """
-    devices = devices if devices is not None else tpu_topologies.devices(tpu)
+    devices = devices if devices is not None else topologies.devices(tpu)
     g = len(devices)
     target = 0.97 * tpu.generation.hbm_bytes
     probes: dict[int, dict] = {}
@@ -276,8 +277,8 @@ def main(argv) -> int:
     if f.config is None or f.topology is None:
         raise app.UsageError("--config and --topology are required")
     try:
-        tpu = tpu_topologies.parse(f.topology, f.num_slices)
-    except tpu_topologies.UnknownTopologyError as e:
+        tpu = topologies.parse(f.topology, f.num_slices)
+    except topologies.UnknownTopologyError as e:
         print(f"compile_check: {e}", file=sys.stderr)
         return cli.EXIT_BAD_INPUT
     config = f.config
@@ -290,7 +291,7 @@ def main(argv) -> int:
     # An executable compiled for a described slice cannot be reloaded from jax's disk cache (no TPU
     # client here), so a cache the user configured for training would only collect warnings.
     jax.config.update("jax_enable_compilation_cache", False)
-    devices = tpu_topologies.devices(tpu)
+    devices = topologies.devices(tpu)
     try:
         validate_config(config)  # the checks train runs at start-up: a bad value is one line here too
         report = check(config, tpu, devices, f.mfu)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ml_collections
 
 from mefem_jax import config_checks as checks
-from mefem_jax import losses, masking, optim
+from mefem_jax import losses, masking
+from mefem_jax.training import optim
 from mefem_jax.data.pipeline import default_data_config, validate_data_config
 from mefem_jax.evaluation.online_probe import default_eval_config, validate_eval_config
 from mefem_jax.models.predictor import default_predictor_config

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mefem_jax.encoders import load_encoder
+from mefem_jax.weights.encoders import load_encoder
 from mefem_jax.evaluation import rankme
 from mefem_jax.evaluation import report as eval_report
 from mefem_jax.evaluation.data import open_eval_data
@@ -41,7 +41,7 @@ from mefem_jax.evaluation.embeddings import (FEATURES, GRID_SIZE, PIXEL_SIZE, ca
 from mefem_jax.evaluation.probes import blas_threads
 from mefem_jax.evaluation.targets import Target, TargetError, check_columns, parse_targets, probe_target
 from mefem_jax.evaluation.verification import PairsError, cosine_scores, read_pairs, verification_metrics
-from mefem_jax.models.timm_keys import ConversionError
+from mefem_jax.weights.timm_keys import ConversionError
 from mefem_jax.models.vit import encoder_dims
 from mefem_jax.spec_options import SpecError
 

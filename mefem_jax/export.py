@@ -22,9 +22,9 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save as safetensors_bytes
 
-from mefem_jax import encoders
+from mefem_jax.weights import encoders
 from mefem_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from mefem_jax.models.timm_keys import params_to_timm
+from mefem_jax.weights.timm_keys import params_to_timm
 from mefem_jax.models.vit import VARIANTS, encoder_dims
 
 

@@ -35,16 +35,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from mefem_jax import cli, encoders, sharding
+from mefem_jax import cli
+from mefem_jax.weights import encoders
+from mefem_jax.training import sharding
 from mefem_jax.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_FINISHED, EXIT_PREEMPTED  # documented in README
-from mefem_jax.checkpoint import Checkpointer, checkpoint_dir, with_shardings
+from mefem_jax.training.checkpoint import Checkpointer, checkpoint_dir, with_shardings
 from mefem_jax.config import validate_config
 from mefem_jax.config_checks import ConfigError
 from mefem_jax.data.pipeline import make_train_iterator
 from mefem_jax.evaluation.online_probe import probe_during_training
-from mefem_jax.metric_writer import MetricWriter, plot_loss, read_metrics
-from mefem_jax.run_setup import prepare
-from mefem_jax.workdir_lock import LOCK_NAME, WorkdirLock
+from mefem_jax.training.metric_writer import MetricWriter, plot_loss, read_metrics
+from mefem_jax.training.run_setup import prepare
+from mefem_jax.training.workdir_lock import LOCK_NAME, WorkdirLock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py[:smoke].",
                                           lock_config=True)

@@ -35,7 +35,7 @@ if importlib.util.find_spec("torch") is not None:
     import torch
 
     if torch.version.cuda is None:
-        from mefem_jax.timm_import import declare_torchvision_ops
+        from mefem_jax.weights.timm_import import declare_torchvision_ops
 
         declare_torchvision_ops()
 

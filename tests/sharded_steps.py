@@ -59,8 +59,8 @@ def train_on_mesh(config, mesh_shape, steps: int, faces: np.ndarray, devices=Non
     """(losses, state, state shardings) after `steps` updates on a (data, fsdp) mesh."""
     import jax
 
-    from mefem_jax import sharding
-    from mefem_jax.run_setup import prepare
+    from mefem_jax.training import sharding
+    from mefem_jax.training.run_setup import prepare
 
     config.mesh.update(data=mesh_shape[0], fsdp=mesh_shape[1])
     run = prepare(config, devices)  # exactly train.py's state, shardings and jitted step

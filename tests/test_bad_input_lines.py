@@ -13,9 +13,10 @@ import ml_collections
 import pytest
 
 from data_corpus import UTKFACE, utkface_rows, write_labels
-from mefem_jax import encoders, export as export_lib
-from mefem_jax.models.timm_keys import ConversionError
-from mefem_jax.data import build_shards
+from mefem_jax.weights import encoders
+from mefem_jax import export as export_lib
+from mefem_jax.weights.timm_keys import ConversionError
+from mefem_jax.data.shards import build as build_shards
 from mefem_jax.evaluation.data import DataSpecError, parse_data_spec, read_folder_table
 from test_safe_outputs import TINY, assert_refused, run, tiny_params
 

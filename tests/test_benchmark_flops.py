@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.train_step import make_config, xla_flops
-from mefem_jax.flops import step_flops
-from mefem_jax.train_step import build, init_state, make_train_step
+from mefem_jax.tpu.flops import step_flops
+from mefem_jax.training.train_step import build, init_state, make_train_step
 
 
 def test_analytic_step_flops_match_xla_cost_analysis():

@@ -10,7 +10,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from mefem_jax import compile_check, sharding, tpu_topologies
+from mefem_jax import compile_check
+from mefem_jax.training import sharding
+from mefem_jax.tpu import topologies
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("libtpu", reason="compiling for TPU needs the tpu extra: pip install -e '.[tpu]'")
@@ -39,25 +41,25 @@ def no_persistent_cache():
 
 @pytest.fixture(scope="module")
 def v5e_4():
-    tpu = tpu_topologies.parse("v5e-4")
-    return tpu, tpu_topologies.devices(tpu)
+    tpu = topologies.parse("v5e-4")
+    return tpu, topologies.devices(tpu)
 
 
 def test_slice_names_map_to_xla_topologies():
     cases = {"v5p-64": ("v5:2x4x4", 32), "v5p-8": ("v5:2x2x1", 4), "v4-32": ("v4:2x2x4", 16),
              "v5e-16": ("v5e:4x4", 16), "v5litepod-256": ("v5e:16x16", 256), "v6e-8": ("v6e:2x4", 8)}
     for name, (xla, chips) in cases.items():
-        tpu = tpu_topologies.parse(name)
+        tpu = topologies.parse(name)
         assert (tpu.xla_topology, tpu.chips) == (xla, chips), name
-    assert tpu_topologies.parse("v5e-16", num_slices=2).devices_total == 32
+    assert topologies.parse("v5e-16", num_slices=2).devices_total == 32
     for bad in ("v5p-63", "v5e-3", "v7-8", "tpu", "v5p-"):
-        with pytest.raises(tpu_topologies.UnknownTopologyError, match="known: .*v5p-64"):
-            tpu_topologies.parse(bad)
+        with pytest.raises(topologies.UnknownTopologyError, match="known: .*v5p-64"):
+            topologies.parse(bad)
 
 
 def test_megacore_and_multislice_devices():
-    assert len(tpu_topologies.devices(tpu_topologies.parse("v5p-8"))) == 4  # one device per chip
-    two = tpu_topologies.devices(tpu_topologies.parse("v5e-4", num_slices=2))
+    assert len(topologies.devices(topologies.parse("v5p-8"))) == 4  # one device per chip
+    two = topologies.devices(topologies.parse("v5e-4", num_slices=2))
     assert sorted({d.slice_index for d in two}) == [0, 1]
     import ml_collections
 
@@ -78,7 +80,7 @@ def test_fsdp_step_on_v5e_fits_with_rule_shardings_and_fsdp_collectives(v5e_4):
     assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4}
 
     # The shardings the compiled executable takes are exactly what the rules give each parameter.
-    from mefem_jax.run_setup import prepare
+    from mefem_jax.training.run_setup import prepare
 
     run = prepare(config, devices)
     got = jax.tree.map(lambda s: s.spec, compiled.input_shardings[0][0].params)
@@ -97,7 +99,7 @@ def test_fsdp_step_on_v5e_fits_with_rule_shardings_and_fsdp_collectives(v5e_4):
 
 
 def test_data_parallel_step_on_v5p_all_reduces_and_gathers_nothing():
-    tpu = tpu_topologies.parse("v5p-8")
+    tpu = topologies.parse("v5p-8")
     r = compile_check.check(tiny_config(fsdp=1), tpu)
     assert r["fits"] and r["mesh"] == {"data": 4, "fsdp": 1}
     assert r["collectives"]["all-reduce"]["count"] > 0  # the gradient reduction
@@ -142,7 +144,7 @@ def _affine_compiler(fixed: float, per_example: float, limit: float):
 @pytest.mark.parametrize("start", [32, 2048, 1 << 20])
 def test_batch_search_closes_on_the_boundary_within_its_budget(monkeypatch, start):
     """From far below, near, and far above the boundary, six compiles bracket it within 5 %."""
-    tpu = tpu_topologies.parse("v5e-4")
+    tpu = topologies.parse("v5e-4")
     limit = 15.75 * 2 ** 30  # what XLA:TPU offers of a v5e chip's 16 GiB
     monkeypatch.setattr(compile_check, "check", _affine_compiler(2e8, 1.2e5, limit))
     config = tiny_config(batch=start)

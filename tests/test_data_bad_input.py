@@ -8,7 +8,8 @@ from array_record.python import array_record_module
 from PIL import Image
 
 from data_corpus import UTKFACE, make_corpus, utkface_rows
-from mefem_jax.data import augment, build_shards, pipeline, records, sources
+from mefem_jax.data import augment, pipeline, records, sources
+from mefem_jax.data.shards import build as build_shards
 
 IMAGES = os.path.join(UTKFACE, "images")
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from data_corpus import UTKFACE, utkface_rows, write_labels
-from mefem_jax.data import build_shards, manifest as manifest_lib, pipeline, sources
+from mefem_jax.data.shards import build as build_shards
+from mefem_jax.data import manifest as manifest_lib, pipeline, sources
 
 IMAGES = os.path.join(UTKFACE, "images")
 

@@ -14,7 +14,7 @@ import pytest
 from mefem_jax.evaluation.embeddings import cached_embeddings, compute_embeddings, embed_batch
 from mefem_jax.evaluation.data import DataSpecError, open_eval_data, parse_data_spec
 from mefem_jax.evaluate import UsageError, run_evaluation
-from mefem_jax.encoders import ModelSpecError, load_encoder, random_model_config
+from mefem_jax.weights.encoders import ModelSpecError, load_encoder, random_model_config
 from mefem_jax.evaluation.probes import blas_threads
 from mefem_jax.evaluation.survival import fit_survival_probe
 from mefem_jax.evaluation.targets import TargetError, parse_targets
@@ -247,11 +247,11 @@ def test_bad_inputs_get_clear_errors(tiny, utkface_dir, tmp_path):
 
 
 def test_training_workdir(tiny, utkface_dir, tmp_path, random_params):
-    """A workdir's target and context encoders, read through mefem_jax.checkpoint."""
+    """A workdir's target and context encoders, read through mefem_jax.training.checkpoint."""
     import grain
     import ml_collections
 
-    from mefem_jax.checkpoint import Checkpointer
+    from mefem_jax.training.checkpoint import Checkpointer
 
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):

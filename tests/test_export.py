@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mefem_jax.encoders import load_encoder_params
+from mefem_jax.weights.encoders import load_encoder_params
 from mefem_jax.export import export_folder
-from mefem_jax.models.timm_keys import (KEY_TABLE, ConversionError, jax_to_timm_key, params_to_timm, timm_layout,
+from mefem_jax.weights.timm_keys import (KEY_TABLE, ConversionError, jax_to_timm_key, params_to_timm, timm_layout,
                                         timm_to_jax_key, timm_to_params)
-from mefem_jax.timm_import import import_timm
+from mefem_jax.weights.timm_import import import_timm
 from mefem_jax.models.vit import encoder_from_config
 
 torch = pytest.importorskip("torch")
@@ -183,7 +183,7 @@ def test_ijepa_checkpoint_imports_with_fresh_cls(model_cfg, random_params, tmp_p
                 "predictor": {"module.mask_token": torch.zeros(1, 1, 8)}, "epoch": 300,
                 "opt": {"state": {}}, "lr": 1e-3}, tmp_path / "jepa-ep300.pth.tar")
 
-    with caplog.at_level(logging.WARNING, logger="mefem_jax.encoders"):
+    with caplog.at_level(logging.WARNING, logger="mefem_jax.weights.encoders"):
         imported = load_encoder_params(tmp_path / "jepa-ep300.pth.tar", cfg)
     assert "no cls_token" in caplog.text and "target_encoder" in caplog.text
     fresh = np.asarray(imported.pop("cls_token"))

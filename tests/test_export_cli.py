@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mefem_jax.checkpoint import load_params_for_eval
-from mefem_jax.encoders import load_encoder_params
+from mefem_jax.training.checkpoint import load_params_for_eval
+from mefem_jax.weights.encoders import load_encoder_params
 from mefem_jax.export import save_pth, timm_config
-from mefem_jax.models.timm_keys import params_to_timm
-from mefem_jax.timm_import import import_timm
+from mefem_jax.weights.timm_keys import params_to_timm
+from mefem_jax.weights.timm_import import import_timm
 from mefem_jax.models.vit import encoder_from_config, unstack_blocks
 from test_resume import TOTAL, reference_run, subprocess_env
 

@@ -1,7 +1,7 @@
 """Counting the collectives of a compiled step: loop trip counts, async pairs and XLA:TPU's fused
 reduce-scatter, on a hand-written module shaped like the real compiler output (the compiled TPU steps
 themselves are checked in test_compile_check.py)."""
-from mefem_jax import hlo_collectives
+from mefem_jax.tpu import collectives
 
 HLO = """\
 HloModule jit_train_step, entry_computation_layout={(bf16[64,64]{1,0})->bf16[64,64]{1,0}}
@@ -50,7 +50,7 @@ ENTRY %main.5 (x.1: bf16[64,64]) -> bf16[64,64] {
 
 
 def test_counts_multiply_by_the_loop_trip_count():
-    got = hlo_collectives.count(HLO)
+    got = collectives.count(HLO)
     # In the 12-trip loop: one all-gather (the -start; -done is not a second collective), whose full
     # buffer is the gathered bf16[64,64], and one fused reduce-scatter of an f32[8,256] input.
     assert got["all-gather"] == {"count": 12, "bytes": 12 * 64 * 64 * 2}
@@ -64,7 +64,7 @@ def test_counts_multiply_by_the_loop_trip_count():
 
 def test_a_loop_of_unknown_length_is_counted_once_and_flagged():
     text = HLO.replace("%constant.12 = s32[] constant(12)", "%constant.12 = s32[] parameter(1)")
-    got = hlo_collectives.count(text)
+    got = collectives.count(text)
     assert got["all-gather"]["count"] == 1
     assert got["uncounted_loops"] == 1
 
@@ -85,4 +85,4 @@ ENTRY %main (g1: f32[1000], g2: f32[3000]) -> (f32[1000], f32[3000]) {
   ROOT %ar = (f32[1000]{0}, f32[3000]{0}) all-reduce(%g1, %g2), channel_id=1, to_apply=%add
 }
 """
-    assert hlo_collectives.count(text)["all-reduce"] == {"count": 1, "bytes": 4 * 4000}
+    assert collectives.count(text)["all-reduce"] == {"count": 1, "bytes": 4 * 4000}

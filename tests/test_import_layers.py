@@ -60,8 +60,8 @@ def _reachable(start: str) -> set[str]:
 
 def test_the_graph_is_read():
     # Guards the test itself: a parser that found nothing would pass every rule below.
-    assert {"train", "encoders", "export", "models.vit", "models.timm_keys"} <= set(MODULES)
-    assert "models.timm_keys" in GRAPH["encoders"] and "encoders" in GRAPH["export"]
+    assert {"train", "weights.encoders", "export", "models.vit", "weights.timm_keys"} <= set(MODULES)
+    assert "weights.timm_keys" in GRAPH["weights.encoders"] and "weights.encoders" in GRAPH["export"]
 
 
 @pytest.mark.parametrize("name", sorted(set(MODULES) - PACKAGES))
@@ -78,7 +78,7 @@ def test_models_import_only_models():
 
 def test_weights_loading_sits_below_its_users():
     above = {"export", "evaluate", "train", "compile_check"}
-    for name in ("encoders", "checkpoint", "models.timm_keys"):
+    for name in ("weights.encoders", "training.checkpoint", "weights.timm_keys"):
         bad = sorted(d for d in _reachable(name) if d in above or d.startswith("evaluation"))
         assert not bad, f"{name} imports {bad}, which sit above it"
 

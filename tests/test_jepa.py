@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mefem_jax.train_step import build, init_state, make_train_step
+from mefem_jax.training.train_step import build, init_state, make_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 

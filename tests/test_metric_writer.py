@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mefem_jax.metric_writer import read_metrics
+from mefem_jax.training.metric_writer import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def test_writes_jsonl_and_tensorboard_without_importing_torch(tmp_path):
     # A fresh interpreter: in this one other tests may have imported torch already.
     code = (
         "import sys\n"
-        "from mefem_jax.metric_writer import MetricWriter\n"
+        "from mefem_jax.training.metric_writer import MetricWriter\n"
         f"w = MetricWriter({str(tmp_path)!r})\n"
         "w.write(1, {'loss': 0.5, 'lr': 1e-3, 'note': float('nan')})\n"
         "w.write(2, {'loss': 0.25})\n"

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from mefem_jax import optim
+from mefem_jax.training import optim
 
 
 def ijepa_lr(step, start, ref, final, warmup, total):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mefem_jax.train_step import build, init_state, make_train_step
+from mefem_jax.training.train_step import build, init_state, make_train_step
 from test_jepa import tiny_config
 
 STEPS = 20

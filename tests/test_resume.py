@@ -27,9 +27,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mefem_jax.checkpoint import load_params_for_eval
+from mefem_jax.training.checkpoint import load_params_for_eval
 from mefem_jax.export import export_folder
-from mefem_jax.train_step import build, init_state
+from mefem_jax.training.train_step import build, init_state
 
 REPO = Path(__file__).resolve().parents[1]
 # 20 steps: test_train_entry.py's run compiles to the same step (only constants such as the schedule

@@ -16,7 +16,7 @@ import pytest
 
 from data_corpus import UTKFACE, utkface_rows, write_labels
 from mefem_jax import export as export_lib
-from mefem_jax.data import build_shards
+from mefem_jax.data.shards import build as build_shards
 from mefem_jax.models.vit import encoder_from_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mefem_jax import sharding
+from mefem_jax.training import sharding
 
 SCRIPT = Path(__file__).with_name("sharded_steps.py")
 

@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
 from benchmarks import torch_reference as ref  # noqa: E402
-from mefem_jax import optim  # noqa: E402
-from mefem_jax.models.timm_keys import params_to_timm  # noqa: E402
-from mefem_jax.train_step import build, init_state, make_train_step  # noqa: E402
+from mefem_jax.training import optim  # noqa: E402
+from mefem_jax.weights.timm_keys import params_to_timm  # noqa: E402
+from mefem_jax.training.train_step import build, init_state, make_train_step  # noqa: E402
 from test_jepa import tiny_config  # noqa: E402
 
 B = 8

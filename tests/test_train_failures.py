@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 from mefem_jax import train as train_module
-from mefem_jax.checkpoint import CheckpointSaveError, Checkpointer, IncompatibleCheckpointError, check_compatible
+from mefem_jax.training.checkpoint import CheckpointSaveError, Checkpointer, IncompatibleCheckpointError, check_compatible
 from mefem_jax.config import validate_config
 from mefem_jax.config_checks import ConfigError
-from mefem_jax.metric_writer import MetricWriter, read_metrics
-from mefem_jax.workdir_lock import WorkdirLock, WorkdirLockedError
+from mefem_jax.training.metric_writer import MetricWriter, read_metrics
+from mefem_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
 from test_resume import (REPO, TINY, TOTAL, Run, _no_run_outlives_its_test, complete_steps,  # noqa: F401
                          last_logged_step, logged_steps, train_env)
 

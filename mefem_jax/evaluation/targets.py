@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mefem_jax.data.face_proportions import NAMES as PROPORTIONS
+from mefem_jax.data.shards.face_proportions import NAMES as PROPORTIONS
 from mefem_jax.evaluation import bootstrap
 from mefem_jax.evaluation.probes import ProbeError, fit_classification_probe, fit_regression_probe
 from mefem_jax.evaluation.survival import SurvivalError, fit_survival_probe

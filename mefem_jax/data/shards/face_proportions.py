@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mefem_jax.data.face_align import to_eye_frame
+from mefem_jax.data.shards.face_align import to_eye_frame
 
 NAMES = ("eye_width", "eye_height", "brow_eye", "nose_length", "nose_width", "mouth_width",
          "lip_height", "eye_mouth", "face_width", "jaw_width", "face_height")

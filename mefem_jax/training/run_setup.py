@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mefem_jax import sharding
-from mefem_jax.train_step import Pieces, build, init_state, make_train_step
+from mefem_jax.training import sharding
+from mefem_jax.training.train_step import Pieces, build, init_state, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,8 +37,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_safetensors_file
 
-from mefem_jax import checkpoint
-from mefem_jax.models.timm_keys import (SINCOS_ATOL, ConversionError, params_to_timm, timm_to_params,
+from mefem_jax.training import checkpoint
+from mefem_jax.weights.timm_keys import (SINCOS_ATOL, ConversionError, params_to_timm, timm_to_params,
                                         to_float32)
 from mefem_jax.models.vit import (VARIANTS, ViT, default_model_config, encoder_dims, encoder_from_config,
                                   sincos_pos_embed, trunc_normal, unstack_blocks)

@@ -12,7 +12,7 @@ import io
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mefem_jax.data import decode
-from mefem_jax.data.shard_plan import BuildOptions
+from mefem_jax.data.shards.plan import BuildOptions
 
 _KEPT_FORMATS = ("JPEG", "PNG")
 _EXIF_ORIENTATION = 0x0112
@@ -84,11 +84,11 @@ def prepare(path: str, opts: BuildOptions) -> Prepared:
     if target:
         rgb = rgb.resize(target, Image.BICUBIC, reducing_gap=2.0)
     if opts.uses_faces:
-        from mefem_jax.data import shard_faces  # dlib: only for builds that use faces
+        from mefem_jax.data.shards import faces  # dlib: only for builds that use faces
 
         try:
-            aligned, labels, found = shard_faces.face_step(rgb, opts)
-        except shard_faces.NoUsableFace as err:
+            aligned, labels, found = faces.face_step(rgb, opts)
+        except faces.NoUsableFace as err:
             raise SkipImage(str(err)) from None
         if aligned is not None:
             return Prepared(_encode(aligned, opts.jpeg_quality), labels, found)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from mefem_jax.data import face_align, face_landmarks, face_proportions
-from mefem_jax.data.shard_plan import BuildOptions
+from mefem_jax.data.shards import face_align, face_landmarks, face_proportions
+from mefem_jax.data.shards.plan import BuildOptions
 
 
 class NoUsableFace(Exception):

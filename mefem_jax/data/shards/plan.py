@@ -10,7 +10,7 @@ import errno
 import os
 
 from mefem_jax.data import csv_text
-from mefem_jax.data import face_proportions
+from mefem_jax.data.shards import face_proportions
 from mefem_jax.data import records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")

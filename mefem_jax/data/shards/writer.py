@@ -14,8 +14,8 @@ import os
 
 from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.data import records
-from mefem_jax.data.shard_image import SkipImage, prepare
-from mefem_jax.data.shard_plan import BuildOptions, Row
+from mefem_jax.data.shards.image import SkipImage, prepare
+from mefem_jax.data.shards.plan import BuildOptions, Row
 
 log = logging.getLogger("build_shards")
 

@@ -1,0 +1,11 @@
+"""The machinery of a training run, shared by `train` and `compile_check`.
+
+Read in this order:
+  optim.py          AdamW, the lr / weight-decay / EMA schedules
+  sharding.py       the (data, fsdp) mesh, the sharding rules, global batches
+  train_step.py     the model pieces and the jitted update (objective, optimiser, EMA)
+  run_setup.py      the run before its first step: mesh, state layout, shardings, donated jit
+  checkpoint.py     Orbax: train state + data iterator + config, async and atomic
+  metric_writer.py  metrics.jsonl, TensorBoard, the loss plot
+  workdir_lock.py   one run per workdir
+"""
