@@ -1,8 +1,19 @@
-"""The shared defaults behind `configs/*.py`: one ConfigDict with a section per module.
+"""The MeFEm recipe: one ConfigDict with a section per module, each section's defaults beside its code.
 
-Each module owns the defaults of its own section (`masking.default_mask_config()`, ...), so a knob is
-documented next to the code that reads it. The files in `configs/` pick a model size and a recipe and
-call `base_config`; `--config.a.b=value` on the command line overrides anything.
+A recipe reads top to bottom in `base_config` below; each section's keys are documented where they live:
+
+    model      models/vit.py           default_model_config
+    predictor  models/predictor.py     default_predictor_config
+    mask       masking/config.py       default_mask_config, MASK_RULES
+    loss       losses.py               default_loss_config, LOSS_RULES
+    optim      training/optim.py       default_optim_config, OPTIM_RULES
+    data       data/config.py          default_data_config, DATA_RULES
+    eval       evaluation/config.py    default_eval_config, EVAL_RULES
+    mesh, checkpoint, seed, total_steps, log_every, init_from: here (RUN_RULES)
+
+The section modules hold data, not pipelines: loading a config imports no Grain, probe or TPU code.
+The files in `configs/` pick a model size and a recipe and call `base_config`; `--config.a.b=value` on
+the command line overrides anything. `validate_config` applies every section's rules at start-up.
 """
 from __future__ import annotations
 
@@ -10,11 +21,11 @@ import ml_collections
 
 from mefem_jax import config_checks as checks
 from mefem_jax import losses, masking
-from mefem_jax.training import optim
-from mefem_jax.data.pipeline import default_data_config, validate_data_config
-from mefem_jax.evaluation.online_probe import default_eval_config, validate_eval_config
+from mefem_jax.data.config import DATA_RULES, default_data_config
+from mefem_jax.evaluation.config import EVAL_RULES, default_eval_config
 from mefem_jax.models.predictor import default_predictor_config
 from mefem_jax.models.vit import default_model_config
+from mefem_jax.training import optim
 
 
 def base_config(variant: str = "B", *, remat: bool = False, predictor_depth: int = 6) -> ml_collections.ConfigDict:
@@ -50,25 +61,27 @@ def base_config(variant: str = "B", *, remat: bool = False, predictor_depth: int
     return c
 
 
+# Start-up checks of the keys this file owns (config_checks.check_section).
+RUN_RULES = (
+    checks.Rule(("total_steps",), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                "an integer >= 1"),
+    checks.positive("log_every", "model.patch_size", "model.image_size",
+                    "checkpoint.every_steps", "checkpoint.max_to_keep"),
+    checks.Rule(("mesh.data", "mesh.fsdp"), lambda v: isinstance(v, int) and (v == -1 or v >= 1), "-1 or >= 1"),
+)
+SECTION_RULES = {"": RUN_RULES, "mask": masking.MASK_RULES, "loss": losses.LOSS_RULES,
+                 "optim": optim.OPTIM_RULES, "data": DATA_RULES, "eval": EVAL_RULES}
+
+
 def validate_config(c: ml_collections.ConfigDict) -> None:
-    """Start-up checks of a whole config: this file's sections here, the others beside their defaults.
+    """Start-up checks of a whole config: every section's rules, then what relates two keys.
 
     Raises ConfigError (one line: key, value, allowed range) on the first bad value.
     """
-    checks.require("total_steps", c.total_steps, isinstance(c.total_steps, int) and c.total_steps >= 1,
-                   "an integer >= 1")
-    checks.positive(c, "", "log_every")
-    checks.positive(c.model, "model", "patch_size", "image_size")
+    for section, rules in SECTION_RULES.items():
+        checks.check_section(c[section] if section else c, section, rules)
     checks.require("model.image_size", c.model.image_size, c.model.image_size % c.model.patch_size == 0,
                    f"a multiple of model.patch_size={c.model.patch_size}")
-    for axis in ("data", "fsdp"):
-        checks.require(f"mesh.{axis}", c.mesh[axis], c.mesh[axis] == -1 or c.mesh[axis] >= 1, "-1 or >= 1")
-    checks.positive(c.checkpoint, "checkpoint", "every_steps", "max_to_keep")
-    masking.validate_mask_config(c.mask)
-    losses.validate_loss_config(c.loss)
-    optim.validate_optim_config(c.optim)
-    validate_data_config(c.data)
-    validate_eval_config(c.eval)
 
 
 def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

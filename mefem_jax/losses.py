@@ -43,15 +43,17 @@ def default_loss_config() -> ml_collections.ConfigDict:
     )
 
 
-def validate_loss_config(cfg) -> None:
-    checks.one_of(cfg, "loss", "kind", ("smooth_l1", "l2"))
-    checks.positive(cfg, "loss", "beta", "target_ln_eps")
-    checks.probability(cfg.cls, "loss.cls", "p_target")
-    checks.non_negative(cfg.cls, "loss.cls", "loss_weight")
-    checks.one_of(cfg.circular, "loss.circular", "profile", ("cosine", "gaussian"))
-    checks.require("loss.circular.w_min", cfg.circular.w_min, 0 < cfg.circular.w_min <= 1, "a number in (0, 1]")
-    checks.non_negative(cfg.sigreg, "loss.sigreg", "weight")
-    checks.positive(cfg.sigreg, "loss.sigreg", "slices", "knots", "t_max")
+# Start-up checks of `loss` (config_checks.check_section).
+LOSS_RULES = (
+    checks.one_of("kind", ("smooth_l1", "l2")),
+    checks.positive("beta", "target_ln_eps"),
+    checks.probability("cls.p_target"),
+    checks.non_negative("cls.loss_weight"),
+    checks.one_of("circular.profile", ("cosine", "gaussian")),
+    checks.in_range("circular.w_min", lo=0, hi=1, closed_lo=False),
+    checks.non_negative("sigreg.weight"),
+    checks.positive("sigreg.slices", "sigreg.knots", "sigreg.t_max"),
+)
 
 
 # --------------------------------------------------------------------------------------- targets

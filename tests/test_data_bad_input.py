@@ -8,6 +8,7 @@ from array_record.python import array_record_module
 from PIL import Image
 
 from data_corpus import UTKFACE, make_corpus, utkface_rows
+from mefem_jax.data.config import default_data_config
 from mefem_jax.data import augment, pipeline, records, sources
 from mefem_jax.data.shards import build as build_shards
 
@@ -94,7 +95,7 @@ def test_undecodable_records_are_skipped_and_counted_in_eval_and_training(tmp_pa
     assert ids == good and it.num_decoded == 30 and it.num_skipped == 3
     assert {s[0] for s in it.skipped} == {"garbage", "cut", "mixed-00000-of-00001.array_record[28]"}
 
-    cfg = pipeline.default_data_config()
+    cfg = default_data_config()
     cfg.train, cfg.return_ids, cfg.read_threads = spec, True, 2
     train = pipeline.make_train_iterator(cfg, image_size=32, global_batch_size=10, seed=0,
                                          process_index=0, process_count=1)
@@ -128,7 +129,7 @@ def test_a_source_with_nothing_decodable_stops_with_a_clear_error(tmp_path):
     # Records whose images are all broken: training stops instead of spinning forever.
     _write_shard(tmp_path / "broken.array_record",
                  [records.encode_record(f"b{i}", {}, b"junk") for i in range(8)])
-    cfg = pipeline.default_data_config()
+    cfg = default_data_config()
     cfg.train, cfg.max_consecutive_failures = str(tmp_path / "broken.array_record"), 20
     it = pipeline.make_train_iterator(cfg, image_size=32, global_batch_size=4, seed=0,
                                       process_index=0, process_count=1)

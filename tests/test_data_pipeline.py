@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mefem_jax import config_checks
 from mefem_jax.data import augment, decode, pipeline
+from mefem_jax.data.config import DATA_RULES, default_data_config
 
 
 def _cfg(**overrides):
-    cfg = pipeline.default_data_config()
+    cfg = default_data_config()
     cfg.synthetic_size = 48
     cfg.read_threads = 2
     cfg.update(overrides)
@@ -183,4 +185,4 @@ def test_jpeg_draft_decodes_small_when_the_crop_allows_and_matches_full_decode()
 def test_bad_augmentation_settings_are_one_line_config_errors(key, value, allowed):
     cfg = _cfg(**{key: value})
     with pytest.raises(ValueError, match=f"data.{key}=.*allowed: {allowed}"):
-        pipeline.validate_data_config(cfg)
+        config_checks.check_section(cfg, "data", DATA_RULES)

@@ -6,6 +6,7 @@ import pytest
 
 from data_corpus import UTKFACE, utkface_rows, write_labels
 from mefem_jax.data.shards import build as build_shards
+from mefem_jax.data.config import default_data_config
 from mefem_jax.data import manifest as manifest_lib, pipeline, sources
 
 IMAGES = os.path.join(UTKFACE, "images")
@@ -62,7 +63,7 @@ def test_eval_reads_every_id_and_label_exactly_once(utk500):
 
 def test_one_training_epoch_sees_every_face_once(utk500):
     rows, opts, _ = utk500
-    cfg = pipeline.default_data_config()
+    cfg = default_data_config()
     cfg.train, cfg.return_ids, cfg.read_threads = opts.out, True, 2
     it = pipeline.make_train_iterator(cfg, image_size=32, global_batch_size=20, seed=0,
                                       process_index=0, process_count=1)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from data_corpus import UTKFACE, utkface_rows
+from mefem_jax.data.config import default_data_config
 from mefem_jax.data import pipeline, sources
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -48,7 +49,7 @@ def tfds_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, **kw):
-    cfg = pipeline.default_data_config()
+    cfg = default_data_config()
     cfg.tfds_data_dir, cfg.read_threads = data_dir, 2
     cfg.update(kw)
     return cfg

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mefem_jax"
-ENTRY_POINTS = ("train", "evaluate", "export", "compile_check", "viz")
+# The commands (`python -m mefem_jax.NAME`); `data.build_shards` is the builder's two-line command module.
+ENTRY_POINTS = ("train", "evaluate", "export", "compile_check", "viz", "data.build_shards")
+# The package's top level: the entry points and these core modules; everything else lives in a wing.
+CORE = ("cli", "config", "config_checks", "spec_options", "jepa", "losses")
+WINGS = ("training", "tpu", "weights", "evaluation", "data", "data.shards", "masking", "models", "reference")
 
 
 def _module_name(path: Path) -> str:
@@ -44,7 +48,8 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
 
 
 GRAPH = {name: {dep for dep, _, _ in _imports(path) if dep != name} for name, path in MODULES.items()}
-# Package __init__ files re-export nothing and import nothing; drop them as nodes of the graph.
+# Package __init__ files. Two (models, masking) re-export their package's public names, so an import of
+# the package reaches its modules through them; the others hold only a docstring.
 PACKAGES = {name for name, path in MODULES.items() if path.name == "__init__.py"}
 
 
@@ -98,3 +103,37 @@ def test_every_lazy_package_import_says_why():
             if lazy and not any("#" in line for line in context):
                 unexplained.append(f"{name}:{lineno} imports {dep}")
     assert not unexplained, unexplained
+
+
+def _in(name: str, wing: str) -> bool:
+    return name == wing or name.startswith(wing + ".")
+
+
+def test_the_top_level_holds_entry_points_and_core_only():
+    top = {n for n in MODULES if "." not in n and n not in WINGS} - {"mefem_jax"}  # the package itself
+    assert top <= set(ENTRY_POINTS) | set(CORE), f"{sorted(top - set(ENTRY_POINTS) - set(CORE))}: put it in a wing"
+
+
+@pytest.mark.parametrize("wing, forbidden", [
+    ("tpu", ("weights", "evaluation", "data.shards", "reference")),
+    ("weights", ("tpu", "evaluation", "data.pipeline", "data.sources", "data.shards", "training.run_setup",
+                 "training.train_step", "reference")),
+    ("data.shards", ("data.pipeline", "data.sources", "data.augment", "data.device_augment", "training", "tpu",
+                     "weights", "evaluation", "models", "reference")),
+    ("training", ("tpu", "weights", "evaluation.data", "data.shards", "reference")),
+    ("evaluation", ("training", "tpu", "data.shards.build", "reference")),
+])
+def test_a_wing_reaches_nothing_above_or_beside_it(wing, forbidden):
+    for name in (n for n in MODULES if _in(n, wing)):
+        reached = _reachable(name)
+        bad = sorted(d for d in reached if any(_in(d, f) for f in forbidden) or d in ENTRY_POINTS)
+        assert not bad, f"{name} reaches {bad}"
+
+
+def test_loading_a_config_reads_no_pipeline():
+    """config.py and the section modules it reads hold data: no Grain pipeline, probe or TPU code."""
+    reached = _reachable("config")
+    bad = sorted(d for d in reached if d in ("data.pipeline", "data.sources", "evaluation.online_probe",
+                                             "evaluation.data", "training.train_step", "training.run_setup")
+                 or _in(d, "tpu") or _in(d, "weights"))
+    assert not bad, f"config reaches {bad}"

@@ -25,7 +25,6 @@ import numpy as np
 from mefem_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 CROP_TRIES = 10  # as augment.sample_crop_box (and torchvision)
-AUGMENT_ON = ("device", "host")  # the values of data.augment_on
 
 
 def input_size(data_cfg, image_size: int) -> int:

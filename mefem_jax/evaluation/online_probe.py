@@ -31,7 +31,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mefem_jax import config_checks as checks
 from mefem_jax.data.augment import normalize
 from mefem_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from mefem_jax.evaluation import rankme
@@ -42,26 +41,6 @@ from mefem_jax.models.vit import ViT
 _HEADLINE = {"regression": {"mae": "mae", "r2": "r2"},
              "classification": {"accuracy": "acc", "roc_auc": "auc"},
              "survival": {"c_index": "c_index"}}
-
-
-def default_eval_config() -> ml_collections.ConfigDict:
-    """The `eval` block of a training config; every field can be set as --config.eval.NAME."""
-    c = ml_collections.ConfigDict()
-    c.every_steps = 0                       # probe every this many steps; 0 = never
-    c.train = "synthetic:split=train"       # data spec the probes are fitted on (evaluation/data.py)
-    c.test = "synthetic:split=test"         # data spec they are scored on
-    c.targets = "face_width:regression,skin_tone:regression"  # see targets.py
-    c.max_images = 512                      # per split; read once, kept in host memory as uint8
-    c.batch_size = 64                       # images per forward pass
-    c.features = "cls"                      # comma list of cls, mean, grid, pixels
-    c.grid_size = 2                         # the grid readout pools patch tokens to grid_size^2 cells
-    c.probe_threads = 1                     # BLAS threads for the fits (probes.blas_threads)
-    return c
-
-
-def validate_eval_config(c) -> None:
-    checks.non_negative(c, "eval", "every_steps")
-    checks.positive(c, "eval", "max_images", "batch_size", "grid_size", "probe_threads")
 
 
 @dataclass

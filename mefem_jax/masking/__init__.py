@@ -32,6 +32,6 @@ are our documented reading of its figure, every knob is in the config):
   (eye line, mouth line, nose column), so stripes make the model predict anatomy across the face.
 """
 from mefem_jax.masking.base import Masker, Masks
-from mefem_jax.masking.config import default_mask_config, make_masker, validate_mask_config
+from mefem_jax.masking.config import MASK_RULES, default_mask_config, make_masker
 
-__all__ = ["Masker", "Masks", "default_mask_config", "make_masker", "validate_mask_config"]
+__all__ = ["MASK_RULES", "Masker", "Masks", "default_mask_config", "make_masker"]

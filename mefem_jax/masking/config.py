@@ -39,18 +39,19 @@ def default_mask_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-def validate_mask_config(cfg) -> None:
-    """Start-up checks of `mask`; the grid-dependent ones stay in make_masker, which knows the grid."""
-    checks.one_of(cfg, "mask", "strategy", _FACTORIES)
-    checks.one_of(cfg.quadrant, "mask.quadrant", "q", (1, 2, 3))
-    checks.positive(cfg.stripes, "mask.stripes", "k")
-    checks.ordered_pair(cfg.stripes, "mask.stripes", "ratio", 0, 1)
-    checks.positive(cfg.multiblock, "mask.multiblock", "n_pred", "n_enc", "min_keep")
-    for key in ("enc_scale", "pred_scale"):
-        checks.ordered_pair(cfg.multiblock, "mask.multiblock", key, 0, 1)
-
-
 _FACTORIES = {"stripes": make_stripes, "quadrant": make_quadrant, "multiblock": make_multiblock}
+
+# Start-up checks of `mask` (config_checks.check_section); the grid-dependent ones stay in make_masker,
+# which knows the grid.
+MASK_RULES = (
+    checks.one_of("strategy", _FACTORIES),
+    checks.one_of("quadrant.q", (1, 2, 3)),
+    checks.positive("stripes.k"),
+    checks.ordered_pair("stripes.ratio", 0, 1),
+    checks.positive("multiblock.n_pred", "multiblock.n_enc", "multiblock.min_keep"),
+    checks.ordered_pair("multiblock.enc_scale", 0, 1),
+    checks.ordered_pair("multiblock.pred_scale", 0, 1),
+)
 
 
 def make_masker(mask_cfg: ml_collections.ConfigDict, grid: tuple[int, int]) -> Masker:

@@ -45,12 +45,13 @@ def default_optim_config() -> ml_collections.ConfigDict:
     )
 
 
-def validate_optim_config(cfg) -> None:
-    checks.positive(cfg, "optim", "lr", "ref_batch", "eps", "ema_horizon")
-    checks.non_negative(cfg, "optim", "start_lr", "final_lr", "warmup_steps", "wd", "final_wd", "grad_clip")
-    for key in ("b1", "b2"):
-        checks.require(f"optim.{key}", cfg[key], 0 <= cfg[key] < 1, "a number in [0, 1)")
-    checks.ordered_pair(cfg, "optim", "ema", 0, 1)
+# Start-up checks of `optim` (config_checks.check_section).
+OPTIM_RULES = (
+    checks.positive("lr", "ref_batch", "eps", "ema_horizon"),
+    checks.non_negative("start_lr", "final_lr", "warmup_steps", "wd", "final_wd", "grad_clip"),
+    checks.in_range("b1", "b2", lo=0, hi=1, closed_hi=False),
+    checks.ordered_pair("ema", 0, 1),
+)
 
 
 def scaled_lrs(cfg: ml_collections.ConfigDict, batch_size: int) -> tuple[float, float, float]:
