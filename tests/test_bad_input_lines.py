@@ -14,7 +14,7 @@ import pytest
 
 from data_corpus import UTKFACE, utkface_rows, write_labels
 from mefem_jax.weights import encoders
-from mefem_jax import export as export_lib
+from mefem_jax.weights import release as export_lib
 from mefem_jax.weights.timm_keys import ConversionError
 from mefem_jax.data.shards import build as build_shards
 from mefem_jax.evaluation.data import DataSpecError, parse_data_spec, read_folder_table
@@ -102,8 +102,8 @@ def test_damaged_weights_are_named_by_train_evaluate_and_export(damaged_weights,
         assert str(path) in str(info.value) and "\n" not in str(info.value)
     path = damaged_weights[0]
     assert_refused(run("mefem_jax.export", f"--checkpoint={path}", f"--out={tmp_path / 'out'}"),
-                   f"cannot read {path}", "safetensors")
+                   f"export: cannot read {path}", "safetensors")
     assert not (tmp_path / "out").exists()
     assert_refused(run("mefem_jax.evaluate", f"--model={path}", f"--out={tmp_path / 'report'}",
                        "--train=synthetic", "--test=synthetic", "--targets=face_width:regression"),
-                   f"error: cannot read {path}", "safetensors")
+                   f"evaluate: cannot read {path}", "safetensors")

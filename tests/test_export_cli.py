@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 from mefem_jax.training.checkpoint import load_params_for_eval
 from mefem_jax.weights.encoders import load_encoder_params
-from mefem_jax.export import save_pth, timm_config
+from mefem_jax.weights.release import save_pth, timm_config
 from mefem_jax.weights.timm_keys import params_to_timm
 from mefem_jax.weights.timm_import import import_timm
 from mefem_jax.models.vit import encoder_from_config, unstack_blocks

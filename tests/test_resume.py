@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mefem_jax.training.checkpoint import load_params_for_eval
-from mefem_jax.export import export_folder
+from mefem_jax.weights.release import export_folder
 from mefem_jax.training.train_step import build, init_state
 
 REPO = Path(__file__).resolve().parents[1]

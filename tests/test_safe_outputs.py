@@ -15,7 +15,7 @@ import ml_collections
 import pytest
 
 from data_corpus import UTKFACE, utkface_rows, write_labels
-from mefem_jax import export as export_lib
+from mefem_jax.weights import release as export_lib
 from mefem_jax.data.shards import build as build_shards
 from mefem_jax.models.vit import encoder_from_config
 

@@ -8,7 +8,7 @@ check their input against the complete layout of the configured model and raise 
 first (so a user fixing a checkpoint sees all of it at once).
 
 Pure: numpy and the model definition only, no torch (a torch tensor is converted by duck typing). The
-files are read by `mefem_jax.weights.encoders` and written by `mefem_jax.export`.
+files are read by `mefem_jax.weights.encoders` and written by `mefem_jax.weights.release`.
 """
 from __future__ import annotations
 
