@@ -1,18 +1,31 @@
-"""What the entry points do with bad input: one line on stderr and a documented exit status.
+"""What every entry point does with bad input: one line on stderr and a documented exit status.
 
-Schedulers read the status: 0 finished, 1 failed, 2 bad input (flags, config, data, workdir contents),
-3 preempted after saving (train). `--debug` keeps the traceback instead of the line.
+Schedulers read the status: 0 finished, 1 failed, 2 bad input (flags, config, data, weights, workdir
+contents), 3 preempted after saving (train). `--debug` keeps the traceback instead of the line.
+
+All six commands (`train`, `evaluate`, `export`, `compile_check`, `viz` and `data.build_shards`) go
+through `run` (or, for the builder, which keeps its own flags, `guarded`), so the line always reads
+`PROG: what is wrong` and the status always follows `exit_status`.
 """
 from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import sys
 from typing import Callable
 
-from absl import flags
+from absl import app, flags
 
 EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 3
+
+# What a user can mend by changing what they passed. The project's own errors (ConfigError, SpecError,
+# ConversionError, DataSpecError, ...) are ValueErrors; a path that is missing, or a file where a folder
+# should be (or the reverse), is the user's too. Any other OSError (disk full, permissions, a lock held)
+# and RuntimeError is a failure of the run: status 1.
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+             app.UsageError, flags.Error)
+HANDLED = BAD_INPUT + (OSError, RuntimeError)
 
 
 def one_line(message: str) -> str:
@@ -22,7 +35,37 @@ def one_line(message: str) -> str:
     return " ".join(message.split())
 
 
-def flags_parser(prog: str, config_flag) -> Callable[[list[str]], list[str]]:
+def exit_status(error: BaseException) -> int:
+    return EXIT_BAD_INPUT if isinstance(error, BAD_INPUT) else EXIT_FAILED
+
+
+def fail(prog: str, error: BaseException) -> int:
+    """Prints `PROG: the error` as one line on stderr; returns the status it calls for."""
+    print(f"{prog}: {one_line(str(error))}", file=sys.stderr, flush=True)
+    return exit_status(error)
+
+
+def guarded(prog: str, main: Callable[[list[str]], int | None], debug: Callable[[], bool]):
+    """`main(argv)` with the errors of HANDLED turned into one line and a status (`debug()`: re-raise)."""
+
+    @functools.wraps(main)
+    def run_main(argv: list[str]) -> int:
+        try:
+            status = main(argv)
+        except HANDLED as e:
+            if debug():
+                raise
+            return fail(prog, e)
+        return EXIT_FINISHED if status is None else status
+
+    return run_main
+
+
+def _debug_flag() -> bool:
+    return bool(flags.FLAGS["debug"].value) if "debug" in flags.FLAGS else False
+
+
+def flags_parser(prog: str, config_flag=None) -> Callable[[list[str]], list[str]]:
     """absl's flag parsing for `app.run(..., flags_parser=...)`, with a bad flag, a missing config file
     or a `--config.key` typo reported as one line (exit 2). ml_collections raises a raw AttributeError,
     in three chained tracebacks, for an unknown config key."""
@@ -30,7 +73,8 @@ def flags_parser(prog: str, config_flag) -> Callable[[list[str]], list[str]]:
     def parse(argv: list[str]) -> list[str]:
         try:
             rest = flags.FLAGS(argv)
-            config_flag.value  # noqa: B018 - the config file loads lazily; a missing one fails here, not later
+            if config_flag is not None:
+                config_flag.value  # noqa: B018 - the config file loads lazily; a missing one fails here, not later
             return rest
         except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
             if "--debug" in argv:
@@ -44,3 +88,11 @@ def flags_parser(prog: str, config_flag) -> Callable[[list[str]], list[str]]:
             sys.exit(EXIT_BAD_INPUT)
 
     return parse
+
+
+def run(prog: str, main: Callable[[list[str]], int | None], config_flag=None) -> None:
+    """Runs an entry point's `main(argv)` under absl with the project's error path: bad flags at parsing,
+    errors of HANDLED from `main`, and a `--debug` flag (defined here if the module has none)."""
+    if "debug" not in flags.FLAGS:
+        flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.")
+    app.run(guarded(prog, main, _debug_flag), flags_parser=flags_parser(prog, config_flag))

@@ -32,25 +32,31 @@ from pathlib import Path
 
 import numpy as np
 
-from mefem_jax.weights.encoders import load_encoder
+from mefem_jax import cli
 from mefem_jax.evaluation import rankme
 from mefem_jax.evaluation import report as eval_report
 from mefem_jax.evaluation.data import open_eval_data
 from mefem_jax.evaluation.embeddings import (FEATURES, GRID_SIZE, PIXEL_SIZE, cached_embeddings,
                                              default_cache_dir)
 from mefem_jax.evaluation.probes import blas_threads
-from mefem_jax.evaluation.targets import Target, TargetError, check_columns, parse_targets, probe_target
-from mefem_jax.evaluation.verification import PairsError, cosine_scores, read_pairs, verification_metrics
-from mefem_jax.weights.timm_keys import ConversionError
+from mefem_jax.evaluation.targets import (
+    Target,
+    check_columns,
+    parse_targets,
+    probe_target,
+)
+from mefem_jax.evaluation.verification import (
+    cosine_scores,
+    read_pairs,
+    verification_metrics,
+)
 from mefem_jax.models.vit import encoder_dims
-from mefem_jax.spec_options import SpecError
+from mefem_jax.weights.encoders import load_encoder
+
 
 class UsageError(ValueError):
     """Flags that do not make an evaluation (nothing asked, a needed split missing)."""
 
-
-# Errors that mean "the input is wrong": the CLI prints the message, not a traceback.
-INPUT_ERRORS = (UsageError, SpecError, ConversionError, TargetError, PairsError, FileNotFoundError)
 
 logger = logging.getLogger(__name__)
 
@@ -171,19 +177,18 @@ def _run_verification(pairs_parsed, emb, features, out: Path, report: dict) -> N
 # Command line
 # ---------------------------------------------------------------------------------------------
 def main(argv) -> None:
+    """Bad input (a ValueError: specs, targets, pairs, weights; a missing path) is one line and status 2,
+    through cli.run."""
     from absl import flags
 
     del argv
     f = flags.FLAGS
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = run_evaluation(
-            model=f.model, out=f.out, train=f.train, test=f.test, targets=f.targets, pairs=f.pairs,
-            pairs_data=f.pairs_data, which=f.which, batch_size=f.batch_size,
-            cache_dir=f.cache_dir or None, pixel_size=f.pixel_size, features=tuple(f.features),
-            dtype=f.dtype, seed=f.seed, probe_threads=f.probe_threads or None, grid_size=f.grid_size)
-    except INPUT_ERRORS as err:
-        raise SystemExit(f"error: {err}") from None
+    report = run_evaluation(
+        model=f.model, out=f.out, train=f.train, test=f.test, targets=f.targets, pairs=f.pairs,
+        pairs_data=f.pairs_data, which=f.which, batch_size=f.batch_size,
+        cache_dir=f.cache_dir or None, pixel_size=f.pixel_size, features=tuple(f.features),
+        dtype=f.dtype, seed=f.seed, probe_threads=f.probe_threads or None, grid_size=f.grid_size)
     print(eval_report.markdown_report(report))
     print(f"wrote {Path(f.out) / 'report.json'} and report.md")
 
@@ -212,7 +217,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    cli.run("evaluate", main)

@@ -24,29 +24,28 @@ import json
 import logging as logging_std
 import math
 import signal
-import sys
 import time
 from pathlib import Path
 
 import jax
-from etils import epath
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from mefem_jax import cli
-from mefem_jax.weights import encoders
-from mefem_jax.training import sharding
-from mefem_jax.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_FINISHED, EXIT_PREEMPTED  # documented in README
-from mefem_jax.training.checkpoint import Checkpointer, checkpoint_dir, with_shardings
+from mefem_jax.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_FINISHED, EXIT_PREEMPTED  # noqa: F401 - in README
 from mefem_jax.config import validate_config
 from mefem_jax.config_checks import ConfigError
 from mefem_jax.data.pipeline import make_train_iterator
 from mefem_jax.evaluation.online_probe import probe_during_training
+from mefem_jax.training import sharding
+from mefem_jax.training.checkpoint import Checkpointer, checkpoint_dir, with_shardings
 from mefem_jax.training.metric_writer import MetricWriter, plot_loss, read_metrics
 from mefem_jax.training.run_setup import prepare
 from mefem_jax.training.workdir_lock import LOCK_NAME, WorkdirLock
+from mefem_jax.weights import encoders
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py[:smoke].",
                                           lock_config=True)
@@ -56,8 +55,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total processes, with --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Join a multi-host run that jax detects itself (TPU pods).")
-_DEBUG = flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.")
-
 
 
 class NonFiniteLossError(RuntimeError):
@@ -292,27 +289,15 @@ def main(argv):
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required", exitcode=EXIT_BAD_INPUT)
-    try:
-        sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                        _MULTIHOST.value)
-        summary = train(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, OSError, RuntimeError) as e:  # the project's own errors and disk/permission/lock
-        if _DEBUG.value:
-            raise
-        return _fail(e)
+        raise app.UsageError("--workdir is required")
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    _MULTIHOST.value)
+    summary = train(_CONFIG.value, _WORKDIR.value)  # errors: one line and a status, through cli.run
     preempted = summary.pop("preempted", False)
     print(json.dumps(dict({k: summary[k] for k in ("step", "loss", "img_per_sec") if k in summary},
                           status="preempted" if preempted else "finished")))
     return EXIT_PREEMPTED if preempted else EXIT_FINISHED
 
 
-def _fail(error: BaseException) -> int:
-    """One line on stderr; bad input (flags, config, data, workdir contents) is 2, anything else 1."""
-    print(f"train: {cli.one_line(str(error))}", file=sys.stderr, flush=True)
-    bad_input = isinstance(error, (ValueError, FileNotFoundError))
-    return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.flags_parser("train", _CONFIG))
+    cli.run("train", main, _CONFIG)

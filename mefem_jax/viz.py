@@ -13,11 +13,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from mefem_jax import losses
+from mefem_jax import cli, losses
 from mefem_jax.masking import make_masker
 from mefem_jax.models.vit import patch_grid
 
@@ -121,4 +121,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run("viz", main, _CONFIG)

@@ -14,7 +14,8 @@ import pytest
 from mefem_jax.evaluation.embeddings import cached_embeddings, compute_embeddings, embed_batch
 from mefem_jax.evaluation.data import DataSpecError, open_eval_data, parse_data_spec
 from mefem_jax.evaluate import UsageError, run_evaluation
-from mefem_jax.weights.encoders import ModelSpecError, load_encoder, random_model_config
+from mefem_jax.weights.encoders import load_encoder
+from mefem_jax.weights.spec import ModelSpecError, random_model_config
 from mefem_jax.evaluation.probes import blas_threads
 from mefem_jax.evaluation.survival import fit_survival_probe
 from mefem_jax.evaluation.targets import TargetError, parse_targets
@@ -151,7 +152,7 @@ def test_cache_hits_and_invalidates(tiny, utkface_dir, tmp_path):
 
 
 def test_exported_folder_embeds_like_its_params(tiny, utkface_dir, tmp_path, random_params):
-    from mefem_jax.export import export_folder
+    from mefem_jax.weights.release import export_folder
 
     params = random_params(jax.tree.map(np.asarray, tiny.params))  # non-trivial biases and scales
     folder = export_folder(params, tiny.model_cfg, tmp_path / "export")
@@ -214,7 +215,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
            "--train=synthetic", "--test=synthetic", "--targets=face_width:regression"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "error: unknown model spec 'random:vitq'" in proc.stderr
+    assert "evaluate: unknown model spec 'random:vitq'" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -302,7 +303,8 @@ def test_survival_on_synthetic_faces(tiny):
 
 
 def test_probe_during_training(tiny):
-    from mefem_jax.evaluation.online_probe import _held_images, default_eval_config, probe_during_training
+    from mefem_jax.evaluation.config import default_eval_config
+    from mefem_jax.evaluation.online_probe import _held_images, probe_during_training
 
     cfg = default_eval_config()
     assert cfg.every_steps == 0  # off unless asked for

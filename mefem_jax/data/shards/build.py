@@ -310,11 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse_args(argv)
         manifest = build(opts)
-    except (FileNotFoundError, FileExistsError, ValueError, face_landmarks.LandmarksUnavailable) as err:
+    except face_landmarks.LandmarksUnavailable as err:  # an extra to install: the user's to mend
         if "--debug" in argv:
             raise
-        log.error("%s", cli.one_line(str(err)))
+        cli.fail(PROG, err)
         return cli.EXIT_BAD_INPUT
+    except cli.HANDLED as err:
+        if "--debug" in argv:
+            raise
+        return cli.fail(PROG, err)
     for item in manifest["skipped"][:20]:
         log.warning("skipped %s: %s", item["file"], item["reason"])
     if len(manifest["skipped"]) > 20:
