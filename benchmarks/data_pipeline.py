@@ -37,12 +37,11 @@ import numpy as np
 import psutil
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from mefem_jax.data import augment, decode, records, sources  # noqa: E402
+from common import REPO  # before mefem_jax: puts this checkout first on sys.path
+import train_feed
+from mefem_jax.data import augment, decode, pipeline, records, sources
 from mefem_jax.data.shards import build as build_shards
-from mefem_jax.data import pipeline  # noqa: E402
+from mefem_jax.data.config import default_data_config
 
 UTKFACE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "utkface"))
 BEGIN, END = "<!-- data_pipeline:begin -->", "<!-- data_pipeline:end -->"
@@ -223,7 +222,7 @@ def _cpu_seconds(proc: psutil.Process) -> float:
 
 
 def time_pipeline(shards: str, size: int, spec: str, workers: int, args) -> dict:
-    cfg = pipeline.default_data_config()
+    cfg = default_data_config()
     cfg.train, cfg.workers, cfg.read_threads = shards, workers, args.read_threads
     cfg.augment_on, cfg.source_size = parse_mode(spec)
     it = pipeline.make_train_iterator(cfg, image_size=size, global_batch_size=args.batch_size,
@@ -302,7 +301,6 @@ def report(shards: str, decoders, decode_notes, results, profiles, train_rows, a
     lines += ["", f"Target: ≥ 1,000 img/s per busy core at {max(x['size'] for x in results)} px. "
               "Best per mode: " + ", ".join(f"{m} {v:.0f}" for m, v in best.items()) + "."]
     if train_rows:
-        from benchmarks.train_feed import table
         lines += ["", "### Training, fed by the pipeline", "",
                   f"benchmarks/train_feed.py: the run as train.py builds it, batch "
                   f"{args.train_batch}, {args.train_workers} Grain worker(s) with "
@@ -311,7 +309,7 @@ def report(shards: str, decoders, decode_notes, results, profiles, train_rows, a
                   "alternating; device/host step speed is the median per-window ratio. End to end: "
                   f"{args.train_steps * args.train_rounds} updates each on the pipeline's next "
                   "batch.", ""]
-        lines += table(train_rows)
+        lines += train_feed.table(train_rows)
         lines += ["", "Target: the step at most 3% slower with device augmentation (speed ratio ≥ "
                   "0.97). Measured: " + ", ".join(f"{r['model']} {r['device_over_host_step']:.3f}"
                                                    for r in train_rows) + "."]
@@ -330,8 +328,6 @@ def write_section(path: str, section: str) -> None:
 
 
 def main() -> None:
-    from benchmarks import train_feed
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", help="existing shard folder (default: build from UTKFace)")
     p.add_argument("--work_dir", default="/tmp/mefem_data_bench")

@@ -11,22 +11,15 @@ which on a GPU inflated the reported time a hundredfold. Results: benchmarks/RES
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 
 import jax
 import jax.numpy as jnp
 
+from common import load_config  # before mefem_jax: puts this checkout first on sys.path
 from mefem_jax.training import train_step
 
 REPEATS = 20
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def per_call_ms(fn, args_for) -> float:
@@ -40,7 +33,7 @@ def per_call_ms(fn, args_for) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/vitb.py")
+    p.add_argument("--config", default="configs/vitb.py", help="a recipe, as train.py's --config=FILE[:arg]")
     p.add_argument("--batches", default="64,256")
     args = p.parse_args()
     objective = train_step.build(load_config(args.config)).objective

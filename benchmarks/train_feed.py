@@ -21,20 +21,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
+import jax
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import jax  # noqa: E402
-
-from configs import vitb, vits  # noqa: E402
-from mefem_jax.training import sharding  # noqa: E402
-from mefem_jax.data.pipeline import make_train_iterator  # noqa: E402
-from mefem_jax.training.run_setup import prepare  # noqa: E402
+from common import load_config  # before mefem_jax: puts this checkout first on sys.path
+from mefem_jax.data.pipeline import make_train_iterator
+from mefem_jax.training import sharding
+from mefem_jax.training.run_setup import prepare
 
 MODES = ("host", "device")
 
@@ -42,9 +37,9 @@ MODES = ("host", "device")
 def model_config(name: str, batch: int, dtype: str):
     """smoke: the entry point's smoke model (112 px); S / B: the recipes at 224 px."""
     if name == "smoke":
-        c = vitb.get_config("smoke")
+        c = load_config("configs/vitb.py:smoke")
     elif name in ("S", "B"):
-        c = (vits if name == "S" else vitb).get_config()
+        c = load_config(f"configs/vit{name.lower()}.py")
         c.model.dtype = dtype
     else:
         raise SystemExit(f"--configs: unknown model {name!r}; allowed: smoke, S, B")

@@ -11,9 +11,10 @@ runs a JAX window, a torch window and a few samples of each side's matmul peak, 
 processes on a shared machine hits all of them alike; the report is the median images/s of each side,
 the median of the per-round JAX/torch ratios and the median peaks.
 
-* JAX: `mefem_jax.training.train_step.make_train_step` jitted with the state donated, exactly as `train.py`
-  runs it. It draws its masks on device inside the step from `fold_in(rng, step)`.
-* PyTorch: `benchmarks/torch_reference.py` (timm modules, I-JEPA's step; eager, as I-JEPA runs).
+* JAX: the step `train.py` runs, `mefem_jax.training.run_setup.prepare(config).step` (mesh, shardings,
+  the jit with the state donated), lowered and compiled once. It draws its masks on device inside the
+  step from `fold_in(rng, step)`.
+* PyTorch: `mefem_jax/reference/torch_step.py` (timm modules, I-JEPA's step; eager, as I-JEPA runs).
   It gets the very masks and CLS coins the JAX step draws at the same step, sampled by the JAX masker
   and converted to index tensors before the timed region: the benchmark times the step, not masking.
   (The JAX step's own on-device sampling is inside its timed step; its cost is reported separately.)
@@ -37,20 +38,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from configs import vits  # noqa: E402
-from mefem_jax.tpu.flops import step_flops  # noqa: E402
-from mefem_jax.training.train_step import build, init_state, make_train_step  # noqa: E402
+from common import REPO, load_config  # before mefem_jax: puts this checkout first on sys.path
+from mefem_jax.tpu.flops import step_flops
+from mefem_jax.training.run_setup import prepare
+from mefem_jax.weights.timm_import import declare_torchvision_ops
 
 UTKFACE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "utkface"))
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -62,7 +59,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 def make_config(variant: str, image_size: int, batch: int, strategy: str, dtype: str, scan_layers: bool = True):
     """configs/vits.py (I-JEPA recipe, predictor width 384 depth 6) at the requested size and masking."""
-    c = vits.get_config()
+    c = load_config("configs/vits.py")
     c.model.update(variant=variant, image_size=image_size, dtype=dtype, scan_layers=scan_layers)
     c.mask.strategy = strategy
     c.data.batch_size = batch
@@ -156,16 +153,18 @@ def torch_matmul_timer(n: int, dtype: str):
 
 
 class JaxRunner:
-    """The production step: jitted, state donated, masks drawn inside from fold_in(rng, step)."""
+    """train.py's step (`prepare(config).step`: sharded, state donated, masks drawn inside from
+    fold_in(rng, step)), compiled once so that its compile time and XLA's FLOP count are of what is timed."""
 
     def __init__(self, config, images: np.ndarray, compiler_options: dict | None = None):
-        self.pieces = build(config)
-        self.state = jax.jit(lambda key: init_state(self.pieces, key))(jax.random.PRNGKey(0))
-        self.images = jnp.asarray(images)
+        run = prepare(config)
+        self.pieces = run.pieces
+        self.state = run.init()
+        self.images = jax.device_put(images, run.batch_sharding)
         t0 = time.perf_counter()
-        jitted = jax.jit(make_train_step(self.pieces), donate_argnums=0)
         try:
-            self.compiled = jitted.lower(self.state, self.images).compile(compiler_options=compiler_options or None)
+            self.compiled = run.step.lower(self.state, self.images).compile(
+                compiler_options=compiler_options or None)
         except jax.errors.JaxRuntimeError as err:
             if compiler_options and "compile option" in str(err):  # an --xla_option XLA does not know
                 raise SystemExit(f"--xla_option: {err}") from None
@@ -201,11 +200,13 @@ class JaxRunner:
 
 
 class TorchRunner:
-    """benchmarks/torch_reference.py, fed the JAX step's masks as pre-built index tensors."""
+    """mefem_jax/reference/torch_step.py, fed the JAX step's masks as pre-built index tensors."""
 
     def __init__(self, config, images: np.ndarray, masks, dtype: str, threads: int):
         import torch
-        from benchmarks import torch_reference as ref
+        # Imported here, not at the top: the reference imports torch (the torch extra), which a
+        # --skip_torch run does without.
+        from mefem_jax.reference import torch_step as ref
         torch.set_num_threads(threads)
         # Flush denormals to zero, as XLA's CPU runtime does: Adam's second moments of tiny gradients go
         # subnormal, and on x86 that made torch's optimizer step 2x (fused) to 6x (foreach) slower here.
@@ -434,7 +435,6 @@ def main(argv=None):
         print(report(args.report))
         return
     if not args.skip_torch:
-        from mefem_jax.weights.timm_import import declare_torchvision_ops
         declare_torchvision_ops()  # before timm is imported (docs/PLATFORM_NOTES.md)
 
     print(f"ViT-{args.variant}/16 {args.image_size}px batch {args.batch} {args.strategy} {args.dtype} "

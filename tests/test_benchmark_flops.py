@@ -5,18 +5,22 @@ percent above the matmul-only analytic count, never below. A missing term (the p
 target set, the 2x of a backward pass, the EMA target's forward) would move the ratio by 20% or more.
 Unrolled blocks: XLA counts a scanned loop's body once.
 """
+from __future__ import annotations
+
 import jax
 import jax.numpy as jnp
 
-from benchmarks.train_step import make_config, xla_flops
+from configs import vits
 from mefem_jax.tpu.flops import step_flops
 from mefem_jax.training.train_step import build, init_state, make_train_step
 
 
 def test_analytic_step_flops_match_xla_cost_analysis():
     batch = 4
-    config = make_config("Ti", 112, batch, "multiblock", "float32", scan_layers=False)
-    config.model.update(width=64, depth=2, heads=2)
+    config = vits.get_config("smoke")  # 112 px, float32
+    config.model.update(width=64, depth=2, heads=2, scan_layers=False)
+    config.mask.strategy = "multiblock"
+    config.data.batch_size = batch
     config.predictor.update(width=32, depth=1, heads=2)
     pieces = build(config)
     masker = pieces.objective.masker
@@ -24,5 +28,5 @@ def test_analytic_step_flops_match_xla_cost_analysis():
     state = jax.eval_shape(lambda key: init_state(pieces, key), jax.random.PRNGKey(0))
     images = jax.ShapeDtypeStruct((batch, 112, 112, 3), jnp.float32)
     compiled = jax.jit(make_train_step(pieces)).lower(state, images).compile()
-    ratio = xla_flops(compiled) / step_flops(config, masker, batch)["total"]
+    ratio = compiled.cost_analysis()["flops"] / step_flops(config, masker, batch)["total"]
     assert 1.0 <= ratio <= 1.06, ratio  # measured: 1.03

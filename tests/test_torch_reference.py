@@ -1,4 +1,4 @@
-"""The PyTorch reference step (benchmarks/torch_reference.py) computes exactly what the JAX step computes.
+"""The PyTorch reference step (mefem_jax/reference/torch_step.py) computes exactly what the JAX step computes.
 
 This is what makes the throughput comparison in benchmarks/train_step.py a comparison of two
 implementations of ONE algorithm: started from the same parameters and fed the same faces, masks and CLS
@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
-from benchmarks import torch_reference as ref  # noqa: E402
+from mefem_jax.reference import torch_step as ref  # noqa: E402
 from mefem_jax.training import optim  # noqa: E402
 from mefem_jax.weights.timm_keys import params_to_timm  # noqa: E402
 from mefem_jax.training.train_step import build, init_state, make_train_step  # noqa: E402

@@ -48,11 +48,11 @@ import torch.nn.functional as F
 from flax import traverse_util
 from torch import nn
 
-from mefem_jax.weights.timm_keys import jax_to_timm_key, params_to_timm
-from mefem_jax.weights.timm_import import import_timm
 from mefem_jax.losses import loss_weight_grid
 from mefem_jax.models.predictor import predictor_from_config
 from mefem_jax.models.vit import encoder_dims, sincos_pos_embed, unstack_blocks
+from mefem_jax.weights.timm_import import import_timm
+from mefem_jax.weights.timm_keys import jax_to_timm_key, params_to_timm
 
 
 def _timm_vit():
@@ -362,7 +362,7 @@ class TorchMeFEm:
 
 
 # The predictor's own (non-block) parameters: JAX path -> (torch key, transform). Its blocks reuse the
-# encoder's block rows of `models/timm_keys.KEY_TABLE`, under the `predictor_blocks.` prefix.
+# encoder's block rows of `weights/timm_keys.KEY_TABLE`, under the `predictor_blocks.` prefix.
 _PREDICTOR_KEYS = {
     "predictor_embed/kernel": ("predictor_embed.weight", "dense"),
     "predictor_embed/bias": ("predictor_embed.bias", "identity"),
