@@ -3,7 +3,7 @@
     python benchmarks/tpu_fit.py --out=benchmarks/tpu_fit.jsonl            # ~1 h on 2 cores; resumable
     python benchmarks/tpu_fit.py --report benchmarks/tpu_fit.jsonl         # the markdown table
 
-For each case (a recipe in configs/, a slice, remat off and on) it runs `compile_check.find_max_batch`
+For each case (a recipe in configs/, a slice, remat off and on) it runs `tpu.batch_search.find_max_batch`
 starting at the recipe's batch: the first compile is the recipe batch itself (per-device peak HBM, fits
 or not), the rest bound the largest global batch that fits. One JSON line per case is appended as soon as
 it is done, and cases already in the file are skipped, so an interrupted run continues where it stopped.
@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from common import load_config  # before mefem_jax: puts this checkout first on sys.path
+
+# The TPU slices are compiled for, not run on: jax itself stays on this CPU, and an installed libtpu
+# does not probe for chips.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from configs import vitb, vitl, vits  # noqa: E402
-
-RECIPES = {"vits": vits, "vitb": vitb, "vitl": vitl}
+RECIPES = ("vits", "vitb", "vitl")  # configs/<recipe>.py
 # (recipe, slice, num_slices): every recipe on one slice of three generations, and one multi-slice run.
 CASES = ([(r, "v5e-16", 1) for r in RECIPES] + [("vitb", "v5e-16", 2)]
          + [(r, t, 1) for t in ("v5p-64", "v6e-16") for r in RECIPES])
@@ -32,8 +31,11 @@ def case_key(recipe: str, topology: str, num_slices: int, remat: bool) -> str:
 
 
 def run(out: str, max_compiles: int) -> None:
-    from mefem_jax import compile_check
+    # Imported here, after JAX_PLATFORMS is set above: jax must start on the CPU (the slice is described).
     from mefem_jax.tpu import topologies
+    from mefem_jax.tpu.batch_search import find_max_batch
+    from mefem_jax.tpu.compile import batch_checker
+    from mefem_jax.tpu.report import fit_summary
 
     done = set()
     if os.path.exists(out):
@@ -47,9 +49,10 @@ def run(out: str, max_compiles: int) -> None:
             if key in done:
                 continue
             devices = devices or topologies.devices(tpu)
-            config = RECIPES[recipe].get_config()
+            config = load_config(f"configs/{recipe}.py")
             config.model.remat = remat
-            search = compile_check.find_max_batch(config, tpu, devices, max_compiles=max_compiles)
+            search = find_max_batch(batch_checker(config, tpu, devices), config.data.batch_size, len(devices),
+                                    tpu.generation.hbm_bytes, max_compiles=max_compiles)
             at_recipe = search["probes"][str(config.data.batch_size)]
             row = {"case": key, "recipe": recipe, "topology": topology, "num_slices": num_slices,
                    "remat": remat, "recipe_batch": config.data.batch_size, "at_recipe_batch": at_recipe,
@@ -57,7 +60,7 @@ def run(out: str, max_compiles: int) -> None:
                    "probes": {b: _brief(p) for b, p in search["probes"].items()}}
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(key, compile_check.fit_summary(at_recipe), "| max batch", search["max_batch"], flush=True)
+            print(key, fit_summary(at_recipe), "| max batch", search["max_batch"], flush=True)
 
 
 def _brief(p: dict) -> dict:

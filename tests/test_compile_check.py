@@ -9,10 +9,12 @@ from pathlib import Path
 
 import jax
 import pytest
+from test_batch_search import AffineCompiler
 
-from mefem_jax import compile_check
-from mefem_jax.training import sharding
+from mefem_jax.tpu import compile as tpu_compile
 from mefem_jax.tpu import topologies
+from mefem_jax.tpu.batch_search import find_max_batch
+from mefem_jax.training import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("libtpu", reason="compiling for TPU needs the tpu extra: pip install -e '.[tpu]'")
@@ -74,7 +76,7 @@ def test_megacore_and_multislice_devices():
 def test_fsdp_step_on_v5e_fits_with_rule_shardings_and_fsdp_collectives(v5e_4):
     tpu, devices = v5e_4
     config = tiny_config(fsdp=4)
-    r, compiled = compile_check.check_with_executable(config, tpu, devices)
+    r, compiled = tpu_compile.check_with_executable(config, tpu, devices)
     b = r["per_device_bytes"]
     assert r["fits"] and 0 < b["argument"] <= b["peak"] < tpu.generation.hbm_bytes
     assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4}
@@ -100,7 +102,7 @@ def test_fsdp_step_on_v5e_fits_with_rule_shardings_and_fsdp_collectives(v5e_4):
 
 def test_data_parallel_step_on_v5p_all_reduces_and_gathers_nothing():
     tpu = topologies.parse("v5p-8")
-    r = compile_check.check(tiny_config(fsdp=1), tpu)
+    r = tpu_compile.check(tiny_config(fsdp=1), tpu)
     assert r["fits"] and r["mesh"] == {"data": 4, "fsdp": 1}
     assert r["collectives"]["all-reduce"]["count"] > 0  # the gradient reduction
     assert r["collectives"]["all-gather"]["count"] == 0  # replicated parameters are never gathered
@@ -127,18 +129,21 @@ def test_unknown_slice_is_one_line_and_exit_2():
     assert proc.stderr.strip().splitlines()[-1].startswith("compile_check: unknown TPU slice 'v5p-63'; known:")
 
 
+def test_refusal_sizes_are_read_from_xla_messages():
+    """Both kinds of XLA:TPU out-of-memory message seen in benchmarks/tpu_fit.jsonl."""
+    quoted = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+              "(17.81G) exceeds available HBM (15.75G).")
+    assert tpu_compile.refusal_sizes(quoted) == {"temp_required_bytes": int(17.81 * 2 ** 30),
+                                                 "hbm_available_bytes": int(15.75 * 2 ** 30)}
+    assert tpu_compile.refusal_sizes("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent "
+                                     "error. Ran out of memory in memory space hbm. Used 15.76G of 15.75G hbm.") == {}
+
+
 def _affine_compiler(fixed: float, per_example: float, limit: float):
-    """A stand-in for `check` with the memory behaviour measured on XLA:TPU (benchmarks/tpu_fit.jsonl):
-    peak = fixed + per_example * batch; above `limit` the compiler refuses and reports the temporaries."""
-    def check(config, tpu, devices, mfu):
-        b = config.data.batch_size
-        need = fixed + per_example * b
-        if need > limit:
-            return {"fits": False, "compiler_refused": True, "compiler_message": "Ran out of memory",
-                    "temp_required_bytes": int(need - fixed), "hbm_available_bytes": int(limit - fixed)}
-        return {"fits": True, "hbm_bytes": tpu.generation.hbm_bytes,
-                "per_device_bytes": {"peak": int(need), "temp": int(need - fixed)}}
-    return check
+    """A stand-in for `tpu.compile.check` with the memory behaviour measured on XLA:TPU
+    (benchmarks/tpu_fit.jsonl): test_batch_search's synthetic compiler, of the config's batch."""
+    by_batch = AffineCompiler(fixed, per_example, limit)
+    return lambda config, tpu, devices, mfu: by_batch(config.data.batch_size)
 
 
 @pytest.mark.parametrize("start", [32, 2048, 1 << 20])
@@ -146,9 +151,11 @@ def test_batch_search_closes_on_the_boundary_within_its_budget(monkeypatch, star
     """From far below, near, and far above the boundary, six compiles bracket it within 5 %."""
     tpu = topologies.parse("v5e-4")
     limit = 15.75 * 2 ** 30  # what XLA:TPU offers of a v5e chip's 16 GiB
-    monkeypatch.setattr(compile_check, "check", _affine_compiler(2e8, 1.2e5, limit))
+    monkeypatch.setattr(tpu_compile, "check", _affine_compiler(2e8, 1.2e5, limit))
     config = tiny_config(batch=start)
-    s = compile_check.find_max_batch(config, tpu, devices=[None] * 4, max_compiles=6)
+    check = tpu_compile.batch_checker(config, tpu, devices=[None] * 4)
+    s = find_max_batch(check, config.data.batch_size, 4, tpu.generation.hbm_bytes, max_compiles=6)
+    assert config.data.batch_size == start  # each probe compiled a copy
     true_max = int((limit - 2e8) / 1.2e5) // 4 * 4
     assert s["exact"] and s["compiles"] <= 6
     assert s["max_batch"] <= true_max < s["smallest_failing"]
@@ -160,7 +167,8 @@ def test_batch_search_closes_on_the_boundary_within_its_budget(monkeypatch, star
 def test_find_max_batch_on_real_compiles(v5e_4):
     """Real XLA:TPU compiles (minutes near the limit, where XLA rematerialises to fit)."""
     tpu, devices = v5e_4
-    s = compile_check.find_max_batch(tiny_config(fsdp=1, batch=4096), tpu, devices, max_compiles=5)
+    check = tpu_compile.batch_checker(tiny_config(fsdp=1, batch=4096), tpu, devices)
+    s = find_max_batch(check, 4096, len(devices), tpu.generation.hbm_bytes, max_compiles=5)
     probes = {int(b): p for b, p in s["probes"].items()}
     assert s["max_batch"] % 4 == 0 and probes[s["max_batch"]]["fits"]
     assert all(p["fits"] == (b <= s["max_batch"]) for b, p in probes.items())  # one boundary
