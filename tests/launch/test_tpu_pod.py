@@ -1,19 +1,9 @@
-"""Tests for the launchers: launch/tpu_pod.sh (Cloud TPU) and launch/slurm_gpu.sh (SLURM GPUs).
-
-There is no cloud and no cluster here. gcloud, sbatch, srun and scontrol are replaced by small
-executables first on PATH: "recorders" that log their argv (and keep what was uploaded or
-submitted), or "tripwires" that log and fail, for runs that must not call them at all. The command
-lines meant for the TPU workers, and the generated sbatch script, are then executed locally with a
-stand-in python that records its argv: that proves the quoting round-trips, which reading the text
-alone cannot.
-"""
+"""launch/tpu_pod.sh against stand-in gcloud and worker python (helpers/launch_fakes.py)."""
 from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,175 +13,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TPU = REPO / "launch" / "tpu_pod.sh"
-SLURM = REPO / "launch" / "slurm_gpu.sh"
-
-POD = ["--name=mefem-test", "--zone=us-east5-a", "--accelerator-type=v5p-64", "--workdir=gs://bucket/run"]
-# Training arguments that break naive quoting: spaces, quotes, $, ;, globs and backticks.
-TRICKY_ARGS = ["--config.total_steps=10", "--config.data.train=/data/my faces",
-               "--config.note=it's $HOME; rm -rf * `date`"]
-TRAIN_HEAD = ["-m", "mefem_jax.train", "--config=configs/vitb.py"]
-
-
-
-def find_shellcheck() -> str | None:
-    """shellcheck from the test extra: on PATH, or beside this python when its venv is not activated
-    (`venv/bin/python -m pytest` leaves venv/bin off PATH; docs/PLATFORM_NOTES.md)."""
-    beside = Path(sys.executable).parent / "shellcheck"
-    return shutil.which("shellcheck") or (str(beside) if os.access(beside, os.X_OK) else None)
-
-
-RECORDER = f"""#!{sys.executable} -S
-# Stand-in for gcloud / sbatch: logs its argv, keeps what it was given, succeeds.
-import json, os, shutil, sys
-name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
-with open(os.environ["FAKE_CALLS"], "a") as log:
-    log.write(json.dumps([name] + args) + "\\n")
-if name == "gcloud" and "scp" in args:
-    shutil.copy(args[args.index("scp") + 1], os.environ["FAKE_UPLOADS"])
-if name == "gcloud" and "describe" in args:
-    print(os.environ.get("FAKE_STATE", "ACTIVE"))
-if name == "sbatch":
-    shutil.copy(args[-1], os.environ["FAKE_UPLOADS"])
-    print("Submitted batch job 4242")
-fail_on = os.environ.get("FAKE_FAIL_ON")
-if fail_on and any(fail_on in arg for arg in args):
-    sys.exit(1)
-"""
-
-TRIPWIRE = """#!/bin/sh
-echo "$0 $*" >> "$FAKE_CALLS"
-exit 97
-"""
-
-# What a TPU worker's venv python or a cluster's python3 does here: records how it was started.
-# The stand-ins run with -S (no site-packages): they need only the standard library, and start faster.
-FAKE_PYTHON = f"""#!{sys.executable} -S
-import json, os, sys, time
-record = {{"argv": sys.argv[1:], "cwd": os.getcwd(),
-          "env": {{k: os.environ.get(k) for k in
-                  ("FOO", "JAX_LOCAL_DEVICE_IDS", "SRUN_CPUS_PER_TASK", "SLURM_PROCID")}}}}
-with open(os.environ["FAKE_ARGV"], "a") as log:
-    log.write(json.dumps(record) + "\\n")
-print("step 1 loss 0.5", flush=True)
-time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS", "0")))
-sys.exit(int(os.environ.get("FAKE_TRAIN_STATUS", "0")))
-"""
-
-# srun: strips its own options (logged), then runs the command once per node with that rank.
-FAKE_SRUN = f"""#!{sys.executable} -S
-import json, os, subprocess, sys
-args = sys.argv[1:]
-options = []
-while args and args[0].startswith("-"):
-    options.append(args.pop(0))
-with open(os.environ["FAKE_CALLS"], "a") as log:
-    log.write(json.dumps(["srun"] + options) + "\\n")
-for rank in range(int(os.environ["SLURM_JOB_NUM_NODES"])):
-    env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_LOCALID="0")
-    if subprocess.call(args, env=env):
-        sys.exit(1)
-"""
-
-FAKE_SCONTROL = """#!/bin/sh
-[ "$*" = "show hostnames gpu[007-010]" ] || { echo "fake scontrol: unexpected: $*" >&2; exit 1; }
-printf 'gpu007\\ngpu008\\ngpu009\\ngpu010\\n'
-"""
-
-
-def _executable(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(0o755)
-    return path
-
-
-class Fakes:
-    """A bin/ folder of stand-ins, the log of their calls, and where uploads land."""
-
-    def __init__(self, root: Path, body: str):
-        self.root = root
-        self.bin = root / "bin"
-        self.calls_file = root / "calls.jsonl"
-        self.uploads = root / "uploads"
-        self.uploads.mkdir(parents=True)
-        for name in ("gcloud", "sbatch", "srun", "scontrol"):
-            _executable(self.bin / name, body)
-
-    def env(self, **extra: str) -> dict:
-        env = dict(os.environ, PATH=f"{self.bin}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(self.root),
-                   FAKE_CALLS=str(self.calls_file), FAKE_UPLOADS=str(self.uploads))
-        env.update(extra)
-        return env
-
-    def calls(self) -> list[list[str]]:
-        if not self.calls_file.exists():
-            return []
-        return [json.loads(line) for line in self.calls_file.read_text().splitlines()]
-
-
-@pytest.fixture
-def tripwires(tmp_path):
-    return Fakes(tmp_path / "tripwires", TRIPWIRE)
-
-
-@pytest.fixture
-def recorders(tmp_path):
-    return Fakes(tmp_path / "recorders", RECORDER)
-
-
-def run(script: Path, *args: str, env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(script), *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=60)
-
-
-def traced(stderr: str) -> list[list[str]]:
-    """The commands a launcher printed ("+ cmd ..."), split the way a shell would."""
-    return [shlex.split(line[2:]) for line in stderr.splitlines() if line.startswith("+ ")]
-
-
-def gcloud_steps(commands: list[list[str]]) -> list[str]:
-    # gcloud compute tpus tpu-vm|queued-resources VERB ...
-    return [c[4] for c in commands if c[0] == "gcloud"]
-
-
-def option(argv: list[str], name: str) -> str:
-    values = [a.split("=", 1)[1] for a in argv if a.startswith(name + "=")]
-    assert len(values) == 1, (name, argv)
-    return values[0]
-
-
-def jax_pin() -> str:
-    match = re.search(r'"jax==([^"]+)"', (REPO / "setup.py").read_text())
-    assert match, "setup.py pins jax"
-    return match.group(1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Both launchers
-
-
-@pytest.mark.parametrize("script", [TPU, SLURM, TPU.with_name("lib.sh")], ids=lambda p: p.name)
-def test_launcher_passes_shellcheck(script):
-    shellcheck = find_shellcheck()
-    assert shellcheck, "shellcheck missing: it comes with the test extra (pip install -e '.[test]')"
-    result = subprocess.run([shellcheck, "--shell=bash", "--severity=style", str(script)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout
-
-
-@pytest.mark.parametrize("script", [TPU, SLURM], ids=lambda p: p.name)
-def test_help_prints_usage_and_exits_zero(script, tripwires):
-    result = run(script, "-h", env=tripwires.env())
-    assert result.returncode == 0
-    assert result.stdout.startswith("Usage:")
-    assert "--dry-run" in result.stdout
-    assert tripwires.calls() == []
-
-
-# --------------------------------------------------------------------------------------------------
-# launch/tpu_pod.sh
+from helpers.launch_fakes import (FAKE_PYTHON, POD, REPO, TPU, TRAIN_HEAD, TRICKY_ARGS, executable, Fakes,
+                                  gcloud_steps, jax_pin, option, run, traced)
 
 
 def test_tpu_dry_run_prints_every_step_and_calls_nothing(tripwires):
@@ -242,7 +65,7 @@ def _worker_home(tmp_path: Path) -> Path:
     home = tmp_path / "home"
     (home / "mefem_jax" / "configs").mkdir(parents=True)
     (home / "mefem_jax_run").mkdir()
-    _executable(home / "mefem_jax_venv" / "bin" / "python", FAKE_PYTHON)
+    executable(home / "mefem_jax_venv" / "bin" / "python", FAKE_PYTHON)
     return home
 
 
@@ -454,106 +277,6 @@ NAME_ZONE = ["--name=mefem-test", "--zone=us-east5-a"]
 ])
 def test_tpu_rejects_bad_arguments_before_calling_gcloud(tripwires, args, message):
     result = run(TPU, *args, env=tripwires.env())
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert not tripwires.calls_file.exists()
-
-
-# --------------------------------------------------------------------------------------------------
-# launch/slurm_gpu.sh
-
-
-def _slurm_args(tmp_path: Path, *extra: str) -> list[str]:
-    return ["--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--account=proj", "--time=48:00:00",
-            "--cpus-per-task=32", "--sbatch-arg=--exclusive", "--env=FOO=a b", f"--workdir={tmp_path}/run",
-            f"--log-dir={tmp_path}/logs", *extra, "--", *TRICKY_ARGS]
-
-
-def test_slurm_dry_run_prints_script_and_submits_nothing(tripwires, tmp_path):
-    result = run(SLURM, "--dry-run", *_slurm_args(tmp_path), env=tripwires.env())
-    assert result.returncode == 0, result.stderr
-    assert not tripwires.calls_file.exists(), "dry run called sbatch"
-    lines = result.stdout.splitlines()
-    for directive in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=32",
-                      "--partition=gpu", "--account=proj", "--time=48:00:00", "--exclusive",
-                      f"--chdir={REPO}", f"--output={tmp_path}/logs/%x-%j.out"):
-        assert f"#SBATCH {directive}" in lines
-    assert 'nodes=$(scontrol show hostnames "$SLURM_JOB_NODELIST")' in lines
-    assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in lines
-    (sbatch,) = traced(result.stderr)
-    assert sbatch[0] == "sbatch" and sbatch[1].startswith(f"{tmp_path}/logs/mefem_jax-")
-    assert not (tmp_path / "logs").exists(), "dry run wrote files"
-
-    script = tmp_path / "job.sbatch"
-    script.write_text(result.stdout)
-    checked = subprocess.run([find_shellcheck() or "shellcheck", "--severity=style", str(script)],
-                             capture_output=True, text=True, timeout=60)
-    assert checked.returncode == 0, checked.stdout
-
-
-@pytest.mark.parametrize("port", [None, 23456], ids=["port-from-job-id", "fixed-port"])
-def test_slurm_script_starts_one_process_per_node_with_the_coordinator(tripwires, tmp_path, port):
-    fake_python = _executable(tmp_path / "py" / "python", FAKE_PYTHON)
-    extra = [f"--python={fake_python}"] + ([f"--coordinator-port={port}"] if port else [])
-    result = run(SLURM, "--dry-run", *_slurm_args(tmp_path, *extra), env=tripwires.env())
-    assert result.returncode == 0, result.stderr
-    script = tmp_path / "job.sbatch"
-    script.write_text(result.stdout)
-
-    # Run it as SLURM would on the first node of a 4-node allocation.
-    cluster = Fakes(tmp_path / "cluster", RECORDER)
-    _executable(cluster.bin / "srun", FAKE_SRUN)
-    _executable(cluster.bin / "scontrol", FAKE_SCONTROL)
-    job_id = 123456
-    env = cluster.env(SLURM_JOB_NODELIST="gpu[007-010]", SLURM_JOB_ID=str(job_id), SLURM_JOB_NUM_NODES="4",
-                      SLURM_CPUS_PER_TASK="32", FAKE_ARGV=str(tmp_path / "argv.jsonl"))
-    job = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
-    assert job.returncode == 0, job.stderr
-
-    coordinator = f"gpu007:{port or 61440 + job_id % 4096}"
-    assert f"coordinator {coordinator}" in job.stdout
-    (srun,) = cluster.calls()
-    assert srun == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    records = [json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines()]
-    assert len(records) == 4
-    for rank, record in enumerate(records):
-        assert record["argv"] == [*TRAIN_HEAD, f"--workdir={tmp_path}/run", *TRICKY_ARGS,
-                                  f"--coordinator_address={coordinator}", "--num_processes=4",
-                                  f"--process_id={rank}"]
-        assert record["env"] == {"FOO": "a b", "JAX_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7",
-                                 "SRUN_CPUS_PER_TASK": "32", "SLURM_PROCID": str(rank)}
-
-
-def test_slurm_submits_the_script_it_prints(recorders, tripwires, tmp_path):
-    preview = run(SLURM, "--dry-run", *_slurm_args(tmp_path), env=tripwires.env())
-    submitted = run(SLURM, *_slurm_args(tmp_path), env=recorders.env())
-    assert submitted.returncode == 0, submitted.stderr
-    assert "Submitted batch job 4242" in submitted.stdout
-    (call,) = recorders.calls()
-    assert call == traced(submitted.stderr)[0]
-    assert call[0] == "sbatch" and Path(call[1]).parent == tmp_path / "logs"
-    assert Path(call[1]).read_text() == preview.stdout
-    assert (recorders.uploads / Path(call[1]).name).read_text() == preview.stdout
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--nodes=2"], "--workdir is required"),
-    (["--workdir=/shared/run", "--nodes=0"], "--nodes '0' must be a positive integer"),
-    (["--workdir=/shared/run", "--gpus-per-node=eight"], "--gpus-per-node 'eight'"),
-    (["--workdir=/shared/run", "--time=tomorrow"], "--time 'tomorrow' is not a SLURM time"),
-    (["--workdir=/shared/run", "--coordinator-port=70000"], "must be a port number"),
-    (["--workdir=/shared/run", "--job-name=my job"], "--job-name 'my job'"),
-    (["--workdir=/shared/run", "--sbatch-arg=exclusive"], "must be one sbatch option"),
-    (["--workdir=/shared/run", "--venv=/nonexistent/venv"], "no /nonexistent/venv/bin/activate"),
-    (["--workdir=/shared/run", "--config=configs/nope.py"], "'configs/nope.py' not found"),
-    (["--workdir=/shared/run", "--env=NOVALUE"], "must be KEY=VALUE"),
-    (["--workdir=/shared/run", "--bogus"], "unknown option '--bogus'"),
-    (["--workdir"], "--workdir needs a value"),
-    (["--workdir=/shared/run", "--", "--process_id=3"], "set by the job script"),
-    (["--workdir=/shared/run", "--", "--config=configs/vits.py"], "pass --config to the launcher"),
-])
-def test_slurm_rejects_bad_arguments_before_calling_sbatch(tripwires, args, message):
-    result = run(SLURM, *args, env=tripwires.env())
     assert result.returncode == 2
     assert message in result.stderr
     assert not tripwires.calls_file.exists()
