@@ -2,12 +2,18 @@
 # Does pretraining learn? Pretrain the `:cpu` recipe on the UTKFace train split in several settings,
 # probe a validation split carved from train every EVAL_EVERY steps (age, gender, race on CLS, mean-pool
 # and 2x2-grid readouts, plus RankMe), then score each final encoder, and the same ViT at random init,
-# once on the test split. Tables and curves: scripts/summarize_curves.py (docs/RESULTS.md).
+# once on the test split. Tables and curves: scripts/summarize_curves.py, into OUT (docs/RESULTS.md).
 #
 #   bash scripts/learning_curves.sh [OUT]                  # OUT defaults to runs/curves
 #   RUNS="mefem:0 mefem:1" STEPS=800 bash scripts/learning_curves.sh
 #   PHASE=train RUNS=mefem:2 bash scripts/learning_curves.sh   # pretrain + validation curves only
 #   PHASE=test bash scripts/learning_curves.sh                 # then the test split, once, for all
+#   UPDATE_DOCS=1 bash scripts/learning_curves.sh              # also replace the committed curves and table
+#
+# docs/learning_curves.png and docs/learning_curves_table.md are the committed results of the whole study
+# (docs/RESULTS.md); they are rewritten only with UPDATE_DOCS=1, so that a partial run (one PHASE, a few
+# RUNS) cannot replace them with its own. The summary of every run goes to OUT/learning_curves.png and
+# OUT/learning_curves_table.md.
 #
 # Each RUNS entry is SETTING:SEED. Settings (all on configs/vits.py:cpu):
 #   mefem         MeFEm-full: axial stripes + circular loss weights + CLS reassignment (p 0.5)
@@ -89,4 +95,10 @@ if [[ $PHASE != train ]]; then
   done
 fi
 
-python scripts/summarize_curves.py "$OUT" docs/
+python scripts/summarize_curves.py "$OUT" "$OUT"
+if [[ ${UPDATE_DOCS:-0} == 1 ]]; then
+  cp "$OUT/learning_curves.png" "$OUT/learning_curves_table.md" docs/
+  echo "updated docs/learning_curves.png and docs/learning_curves_table.md from $OUT"
+else
+  echo "docs/ left as committed; UPDATE_DOCS=1 (or: python scripts/summarize_curves.py $OUT docs/) replaces them"
+fi

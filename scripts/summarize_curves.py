@@ -1,10 +1,11 @@
 """Learning curves and the test table of a `scripts/learning_curves.sh` run.
 
-    python scripts/summarize_curves.py runs/curves docs/
+    python scripts/summarize_curves.py ROOT [OUT]
 
 Reads every run folder `ROOT/<setting>_s<seed>/metrics.jsonl` (validation probes and RankMe logged by
 the train loop every `eval.every_steps`, step 0 being the run's own random init) and the test-split
-reports `ROOT/test_<run>/report.json` written by `python -m mefem_jax.evaluate`, then writes
+reports `ROOT/test_<run>/report.json` written by `python -m mefem_jax.evaluate`, then writes (OUT defaults
+to ROOT; `docs/` holds the committed results, so name it only to replace them: docs/RESULTS.md)
 
     OUT/learning_curves.png        validation probe metrics and RankMe against training step
     OUT/learning_curves_table.md   the test split, once per run, with bootstrap intervals, and the
@@ -148,10 +149,11 @@ def table(root: Path, found: dict, features=("cls", "mean", "grid")) -> str:
 
 
 def main(argv) -> int:
-    if len(argv) != 3:
+    if len(argv) not in (2, 3):
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
-    root, out = Path(argv[1]), Path(argv[2])
+    root = Path(argv[1])
+    out = Path(argv[2]) if len(argv) == 3 else root
     if not root.is_dir():
         print(f"summarize_curves: no run folder {root}", file=sys.stderr)
         return 2

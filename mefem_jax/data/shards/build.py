@@ -34,9 +34,11 @@ inputs and options: the same command on a finished folder does nothing; a folder
 different build is refused unless --overwrite. A build that was interrupted left per-shard status
 files in OUT/.build/; finished shards whose inputs did not change are kept, the rest are
 rewritten (each shard goes to a temporary file renamed into place only when complete), so no
-half-written shard is ever under a final name. One builder per folder at a time.
+half-written shard is ever under a final name. One builder per folder at a time: a second one,
+or a rerun while the workers of a killed build still run, is refused naming the holder (writer.py).
 
-Shards are built in parallel over --workers processes; each shard is written by one process.
+Shards are built in parallel over --workers processes; each shard is written by one process, which
+dies with the builder (kill -9 included: on Linux the kernel kills it, elsewhere it polls its parent).
 The modules of `data/shards/`: plan (options, which files), image (one image), faces (the face
 step), writer (one shard, the folder's safety), this one (the build and its command line); the
 command's name, `mefem_jax.data.build_shards`, is a two-line module that calls `main` here.
@@ -62,8 +64,8 @@ from mefem_jax.data.shards import face_proportions
 from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.data import records
 from mefem_jax.data.shards.plan import BuildOptions, Row, plan_rows
-from mefem_jax.data.shards.writer import (STATUS_DIR, ShardJob, check_out_folder, mark_build,
-                                         remove_stale, reusable, write_shard)
+from mefem_jax.data.shards.writer import (STATUS_DIR, SharedFd, ShardJob, check_out_folder, die_with_parent,
+                                         mark_build, out_lock, remove_stale, reusable, write_shard)
 
 log = logging.getLogger("build_shards")
 
@@ -99,60 +101,63 @@ def build(opts: BuildOptions) -> dict:
     check_out_folder(opts)
     os.makedirs(opts.out, exist_ok=True)
     manifest_path = os.path.join(opts.out, manifest_lib.MANIFEST_NAME)
-    if os.path.exists(manifest_path):
-        old = manifest_lib.read_manifest(opts.out)
-        if old.get("fingerprint") == fingerprint:
-            log.info("%s is up to date (%d records); nothing to do", opts.out, old["num_records"])
-            return old
-        if not opts.overwrite:
-            raise FileExistsError(
-                f"{opts.out} already holds a different build (its manifest.json has another "
-                "fingerprint); pass --overwrite or pick another --out")
-        log.info("removing %s: --overwrite replaces that build", manifest_path)
-        mark_build(opts)  # first, so an interruption leaves a folder still recognisably ours
-        os.remove(manifest_path)  # from here on the folder reads as "not finished"
-        old_csv = (old.get("landmark_labels") or {}).get("csv")
-        if old_csv == LANDMARK_CSV and os.path.exists(os.path.join(opts.out, LANDMARK_CSV)):
-            log.info("removing %s: written by the build --overwrite replaces", LANDMARK_CSV)
-            os.remove(os.path.join(opts.out, LANDMARK_CSV))
-
-    files = [manifest_lib.shard_name(opts.name, k, num_shards) for k in range(num_shards)]
+    old = manifest_lib.read_manifest(opts.out) if os.path.exists(manifest_path) else None
+    if old is not None and old.get("fingerprint") == fingerprint:
+        log.info("%s is up to date (%d records); nothing to do", opts.out, old["num_records"])
+        return old
+    if old is not None and not opts.overwrite:
+        raise FileExistsError(
+            f"{opts.out} already holds a different build (its manifest.json has another "
+            "fingerprint); pass --overwrite or pick another --out")
+    # First, so an interruption leaves a folder still recognisably ours; it is also the lock's home.
     mark_build(opts)
-    remove_stale(opts, set(files))
-    statuses = {f: reusable(opts, f, fp) for f, fp in zip(files, shard_prints)}
-    jobs = [ShardJob(k, f, chunks[k], shard_prints[k], opts)
-            for k, f in enumerate(files) if statuses[f] is None]
-    log.info("%d rows → %d shards (%d kept from an earlier run), %d workers",
-             len(rows), num_shards, num_shards - len(jobs), opts.workers)
-    for status in _run(jobs, opts.workers):
-        statuses[status["file"]] = status
-        log.info("wrote %s: %d records, %d skipped", status["file"], status["num_records"],
-                 len(status["skipped"]))
+    with out_lock(opts) as lock:  # held until the last write (see writer.py)
+        if old is not None:
+            log.info("removing %s: --overwrite replaces that build", manifest_path)
+            os.remove(manifest_path)  # from here on the folder reads as "not finished"
+            old_csv = (old.get("landmark_labels") or {}).get("csv")
+            if old_csv == LANDMARK_CSV and os.path.exists(os.path.join(opts.out, LANDMARK_CSV)):
+                log.info("removing %s: written by the build --overwrite replaces", LANDMARK_CSV)
+                os.remove(os.path.join(opts.out, LANDMARK_CSV))
 
-    shards = [{"file": f, "num_records": statuses[f]["num_records"]} for f in files]
-    for f in files:
-        skipped.extend(statuses[f]["skipped"])
-    if not any(s["num_records"] for s in shards):
-        # A 0-record dataset would only fail later, in training, far from its cause; no manifest.
-        raise ValueError(f"nothing usable in {opts.images}: all {len(skipped)} inputs were skipped, "
-                         f"e.g. {skipped[0]['file']}: {skipped[0]['reason']}")
-    manifest = {
-        "format": manifest_lib.FORMAT, "version": manifest_lib.VERSION, "name": opts.name,
-        "num_records": sum(s["num_records"] for s in shards), "shards": shards,
-        "label_schema": schema, "skipped": skipped, "unlisted_images": unlisted,
-        "options": content["options"],
-        "source": {"images": os.path.abspath(opts.images),
-                   "labels": opts.labels and os.path.abspath(opts.labels)},
-        "fingerprint": fingerprint,
-    }
-    if opts.uses_faces:
-        manifest.update(_face_sections(opts, rows, schema, [statuses[f] for f in files]))
-    manifest_lib.write_json_atomic(manifest_path, manifest)
-    log.info("removing %s: status files of this finished build", os.path.join(opts.out, STATUS_DIR))
-    shutil.rmtree(os.path.join(opts.out, STATUS_DIR), ignore_errors=True)
-    log.info("done in %.1fs: %d records in %d shards, %d skipped → %s", time.time() - start,
-             manifest["num_records"], num_shards, len(skipped), manifest_path)
-    return manifest_lib.read_manifest(opts.out)  # as JSON has it (lists, not tuples)
+        files = [manifest_lib.shard_name(opts.name, k, num_shards) for k in range(num_shards)]
+        remove_stale(opts, set(files))
+        statuses = {f: reusable(opts, f, fp) for f, fp in zip(files, shard_prints)}
+        jobs = [ShardJob(k, f, chunks[k], shard_prints[k], opts)
+                for k, f in enumerate(files) if statuses[f] is None]
+        log.info("%d rows → %d shards (%d kept from an earlier run), %d workers",
+                 len(rows), num_shards, num_shards - len(jobs), opts.workers)
+        for status in _run(jobs, opts.workers, lock):
+            statuses[status["file"]] = status
+            log.info("wrote %s: %d records, %d skipped", status["file"], status["num_records"],
+                     len(status["skipped"]))
+
+        shards = [{"file": f, "num_records": statuses[f]["num_records"]} for f in files]
+        for f in files:
+            skipped.extend(statuses[f]["skipped"])
+        if not any(s["num_records"] for s in shards):
+            # A 0-record dataset would only fail later, in training, far from its cause; no manifest.
+            raise ValueError(f"nothing usable in {opts.images}: all {len(skipped)} inputs were skipped, "
+                             f"e.g. {skipped[0]['file']}: {skipped[0]['reason']}")
+        manifest = {
+            "format": manifest_lib.FORMAT, "version": manifest_lib.VERSION, "name": opts.name,
+            "num_records": sum(s["num_records"] for s in shards), "shards": shards,
+            "label_schema": schema, "skipped": skipped, "unlisted_images": unlisted,
+            "options": content["options"],
+            "source": {"images": os.path.abspath(opts.images),
+                       "labels": opts.labels and os.path.abspath(opts.labels)},
+            "fingerprint": fingerprint,
+        }
+        if opts.uses_faces:
+            manifest.update(_face_sections(opts, rows, schema, [statuses[f] for f in files]))
+        manifest_lib.write_json_atomic(manifest_path, manifest)
+        written = manifest_lib.read_manifest(opts.out)  # as JSON has it (lists, not tuples)
+        # The last write of the build: the lock file goes with the status files (see writer.out_lock).
+        log.info("removing %s: status files of this finished build", os.path.join(opts.out, STATUS_DIR))
+        shutil.rmtree(os.path.join(opts.out, STATUS_DIR), ignore_errors=True)
+        log.info("done in %.1fs: %d records in %d shards, %d skipped → %s", time.time() - start,
+                 manifest["num_records"], num_shards, len(skipped), manifest_path)
+        return written
 
 
 def _face_sections(opts: BuildOptions, rows: list[Row], schema: dict, statuses: list[dict]) -> dict:
@@ -186,12 +191,15 @@ def _face_sections(opts: BuildOptions, rows: list[Row], schema: dict, statuses: 
     return out
 
 
-def _run(jobs: list[ShardJob], workers: int):
+def _run(jobs: list[ShardJob], workers: int, lock):
     if workers <= 1 or len(jobs) <= 1:
         yield from map(write_shard, jobs)
         return
-    # spawn, not fork: the caller may have threads (or JAX) running, which fork does not copy.
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+    # spawn, not fork: the caller may have threads (or JAX) running, which fork does not copy. The workers
+    # share the out folder's lock and die with this process (writer.py).
+    shared = None if lock.fileno() is None else SharedFd(lock.fileno())
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=die_with_parent,
+                                                   initargs=(os.getpid(), shared)) as pool:
         yield from pool.imap_unordered(write_shard, jobs)
 
 

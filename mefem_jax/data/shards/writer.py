@@ -3,19 +3,33 @@
 A shard is written to a temporary file renamed into place only when complete, then its status
 file (OUT/.build/SHARD.json) records what went in, so an interrupted build keeps its finished
 shards. The builder deletes files only in a folder that holds a build of ours.
+
+One builder per folder, and never beside the leftovers of another: the builder holds an exclusive
+flock on OUT/.build/.lock (the workdir lock of training, `out_lock`) while it writes, and hands the
+locked file itself to its worker processes (`SharedFd`). A flock belongs to the open file, which the
+kernel closes only after the last process holding it has gone, so workers that outlived a killed
+builder still hold the lock: a rerun is refused instead of deleting the temporary files they are
+writing, or having them rename a shard of the old build over one of its own. They should not
+outlive it, though: each worker dies with the builder (`die_with_parent`).
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import glob
 import json
 import logging
 import os
+import signal
+import sys
+import threading
+import time
 
 from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.data import records
 from mefem_jax.data.shards.image import SkipImage, prepare
 from mefem_jax.data.shards.plan import BuildOptions, Row
+from mefem_jax.training.workdir_lock import LOCK_NAME, WorkdirLock
 
 log = logging.getLogger("build_shards")
 
@@ -23,6 +37,9 @@ STATUS_DIR = ".build"
 # Written into .build/ before anything else: marks a folder holding an unfinished build of ours,
 # the only kind (besides one with our manifest) whose leftovers the builder may delete.
 BUILD_MARK = "builder.json"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Where the kernel cannot signal a worker when its parent dies: how often the worker looks.
+PARENT_POLL_S = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,3 +144,56 @@ def mark_build(opts: BuildOptions) -> None:
     os.makedirs(status_dir, exist_ok=True)
     manifest_lib.write_json_atomic(os.path.join(status_dir, BUILD_MARK),
                                    {"format": manifest_lib.FORMAT, "state": "building"})
+
+
+def out_lock(opts: BuildOptions) -> WorkdirLock:
+    """The out folder's lock, in .build/: `mark_build` first, so a folder holding only the lock is ours.
+    A finished build removes .build/ with it, as its last write: a later builder then locks a new file."""
+    return WorkdirLock(opts.out, what="build", flag="--out", lock_name=os.path.join(STATUS_DIR, LOCK_NAME))
+
+
+class SharedFd:
+    """A file descriptor a spawned worker receives as the same open file, not a new open of its path
+    (multiprocessing passes it like the pipes of a Pool), so a flock on it is the worker's as well."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        return _shared_fd_in_child, (reduction.DupFd(self.fd),)
+
+
+def _shared_fd_in_child(dup) -> SharedFd:
+    return SharedFd(dup.detach())
+
+
+_held = None  # in a worker: the builder's lock, open for the worker's lifetime
+
+
+def die_with_parent(parent_pid: int, lock: SharedFd | None) -> None:
+    """Pool initializer: a worker whose builder died (kill -9 included) dies too, instead of writing on
+    beside the builder's rerun. On Linux the kernel kills it at once (prctl PR_SET_PDEATHSIG; strictly,
+    when the thread that started it ends: the builder's, or for a replacement worker the pool's own, both
+    busy until the pool is done); elsewhere a thread looks at the parent every PARENT_POLL_S. Either way,
+    a builder that died before this ran is caught by comparing the parent pid: an orphan has been adopted."""
+    global _held
+    _held = lock
+    if not (sys.platform.startswith("linux") and _kill_me_with_my_parent()):
+        threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _kill_me_with_my_parent() -> bool:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # no libc to load, or one without prctl
+        return False
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
