@@ -1,4 +1,7 @@
-"""Shared test setup: the torchvision workaround, the `slow` marker, real faces and tiny configs."""
+"""Session setup (the XLA cache, CPU only, the torchvision workaround) and the fixtures every wing uses.
+
+Shared code that is not a fixture lives in `helpers/` (tiny configs, real faces, entry-point runs).
+"""
 from __future__ import annotations
 
 import atexit
@@ -25,7 +28,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -39,9 +41,8 @@ if importlib.util.find_spec("torch") is not None:
 
         declare_torchvision_ops()
 
-UTKFACE = (Path(__file__).parents[1] / "../shared/data/utkface").resolve()
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from helpers.configs import tiny_model_config  # noqa: E402 - after the environment above
+from helpers.faces import load_faces, require_utkface  # noqa: E402
 
 
 def pytest_configure(config):
@@ -51,42 +52,27 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def utkface_dir() -> Path:
     """The UTKFace crops shared beside the repository (never copied into it)."""
-    if not (UTKFACE / "labels.csv").is_file():
-        pytest.skip(f"UTKFace faces not found at {UTKFACE} (expected ../shared/data/utkface)")
-    return UTKFACE
+    return require_utkface()
 
 
 @pytest.fixture(scope="session")
 def faces(utkface_dir):
     """faces(n, size) -> float32 [n, size, size, 3]: the first n test-split faces of labels.csv,
     resized (bicubic) and ImageNet-normalised, as a timm user would feed them."""
-    from PIL import Image
-
     with open(utkface_dir / "labels.csv", newline="") as f:
         files = [row["file"] for row in csv.DictReader(f) if row["split"] == "test"]
 
     def load(n: int, size: int) -> np.ndarray:
-        out = []
-        for name in files[:n]:
-            with Image.open(utkface_dir / "images" / name) as im:
-                im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-            out.append((np.asarray(im, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)
-        return np.stack(out)
+        return load_faces([utkface_dir / "images" / name for name in files[:n]], size)
 
     return load
 
 
 @pytest.fixture
 def model_cfg():
-    """model_cfg(**fields) -> the `model` ConfigDict; defaults are a 2-block width-64 encoder
-    on 112 px images (7x7 grid), small enough for the CPU."""
-    def make(**fields) -> ml_collections.ConfigDict:
-        cfg = dict(variant="Ti", patch_size=16, image_size=112, posemb="sincos", dtype="float32",
-                   remat=False, width=64, depth=2, heads=2)
-        cfg.update(fields)
-        return ml_collections.ConfigDict(cfg)
-
-    return make
+    """model_cfg(**fields) -> the `model` ConfigDict (helpers.configs.tiny_model_config): a 2-block
+    width-64 encoder on 112 px images (7x7 grid), small enough for the CPU."""
+    return tiny_model_config
 
 
 @pytest.fixture

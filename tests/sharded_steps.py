@@ -29,30 +29,18 @@ GLOBAL_BATCH = 16
 
 
 def tiny_config(dtype: str = "float32", scan_layers: bool = False):
-    from configs import vits
+    """The tests' tiny run at GLOBAL_BATCH, with even its small kernels sharded (FSDP is exercised)."""
+    from helpers.configs import tiny_config as tests_tiny_config
 
-    c = vits.get_config("smoke")
-    c.unlock()
-    c.model.update(width=64, depth=2, heads=2, dtype=dtype, scan_layers=scan_layers)
-    c.predictor.update(width=32, depth=1, heads=2)
-    c.data.batch_size = c.optim.ref_batch = GLOBAL_BATCH
-    c.optim.warmup_steps = 2
-    c.total_steps = 20
-    c.mesh.min_fsdp_size = 256  # shard even this tiny model's kernels, so the test exercises FSDP
-    return c
+    return tests_tiny_config(**{
+        "model.dtype": dtype, "model.scan_layers": scan_layers, "data.batch_size": GLOBAL_BATCH,
+        "optim.ref_batch": GLOBAL_BATCH, "optim.warmup_steps": 2, "total_steps": 20, "mesh.min_fsdp_size": 256})
 
 
 def load_faces(n: int, size: int) -> np.ndarray:
-    from conftest import IMAGENET_MEAN, IMAGENET_STD, UTKFACE  # the same faces the other tests use
-    from PIL import Image
+    from helpers.faces import UTKFACE, load_faces as normalised  # the same faces the other tests use
 
-    files = sorted((UTKFACE / "images").glob("*.jpg"))[:n]
-    out = []
-    for f in files:
-        with Image.open(f) as im:
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-        out.append((np.asarray(im, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)
-    return np.stack(out)
+    return normalised(sorted((UTKFACE / "images").glob("*.jpg"))[:n], size)
 
 
 def train_on_mesh(config, mesh_shape, steps: int, faces: np.ndarray, devices=None):

@@ -5,33 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from helpers.affine_compiler import HBM, AffineCompiler
 from mefem_jax.tpu import batch_search as bs
-
-GiB = 2 ** 30
-HBM = 16 * GiB  # a v5e chip
-OFFER = 15.75 * GiB  # what XLA:TPU offers of it
-
-
-class AffineCompiler:
-    """`check(batch)` for a step whose peak is `fixed + per_example * batch`. Above `limit` it refuses, and
-    (unless `quotes` is False) quotes the temporaries and the HBM left for them, as XLA:TPU's message does."""
-
-    def __init__(self, fixed: float = 2e8, per_example: float = 1.2e5, limit: float = OFFER, quotes: bool = True):
-        self.fixed, self.per_example, self.limit, self.quotes = fixed, per_example, limit, quotes
-        self.calls: list[int] = []
-
-    def __call__(self, batch: int) -> dict:
-        self.calls.append(batch)
-        need = self.fixed + self.per_example * batch
-        if need > self.limit:
-            sizes = {"temp_required_bytes": int(need - self.fixed),
-                     "hbm_available_bytes": int(self.limit - self.fixed)} if self.quotes else {}
-            return {"fits": False, "compiler_refused": True, "compiler_message": "Ran out of memory", **sizes}
-        return {"fits": True, "hbm_bytes": HBM, "per_device_bytes": {"peak": int(need)}}
-
-    def true_max(self, granule: int) -> int:
-        return int((self.limit - self.fixed) / self.per_example) // granule * granule
-
 
 def fit(peak: float) -> dict:
     return {"fits": True, "per_device_bytes": {"peak": peak}}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import jax
 import pytest
-from test_batch_search import AffineCompiler
+from helpers.configs import tiny_config
+from helpers.affine_compiler import AffineCompiler
 
 from mefem_jax.tpu import compile as tpu_compile
 from mefem_jax.tpu import topologies
@@ -20,16 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("libtpu", reason="compiling for TPU needs the tpu extra: pip install -e '.[tpu]'")
 
 
-def tiny_config(fsdp: int = 1, batch: int = 32):
-    from configs import vits
-
-    c = vits.get_config("smoke")
-    c.unlock()
-    c.model.update(width=64, depth=2, heads=2, dtype="bfloat16")
-    c.predictor.update(width=32, depth=1, heads=2)
-    c.data.batch_size = batch
-    c.mesh.update(data=-1, fsdp=fsdp, min_fsdp_size=256)  # shard even these tiny kernels
-    return c
+def tpu_config(fsdp: int = 1, batch: int = 32):
+    """The tests' tiny run in bfloat16, as a TPU would run it, with even its small kernels sharded."""
+    return tiny_config(**{"model.dtype": "bfloat16", "data.batch_size": batch, "mesh.fsdp": fsdp,
+                          "mesh.min_fsdp_size": 256})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,7 +70,7 @@ def test_megacore_and_multislice_devices():
 
 def test_fsdp_step_on_v5e_fits_with_rule_shardings_and_fsdp_collectives(v5e_4):
     tpu, devices = v5e_4
-    config = tiny_config(fsdp=4)
+    config = tpu_config(fsdp=4)
     r, compiled = tpu_compile.check_with_executable(config, tpu, devices)
     b = r["per_device_bytes"]
     assert r["fits"] and 0 < b["argument"] <= b["peak"] < tpu.generation.hbm_bytes
@@ -102,7 +97,7 @@ def test_fsdp_step_on_v5e_fits_with_rule_shardings_and_fsdp_collectives(v5e_4):
 
 def test_data_parallel_step_on_v5p_all_reduces_and_gathers_nothing():
     tpu = topologies.parse("v5p-8")
-    r = tpu_compile.check(tiny_config(fsdp=1), tpu)
+    r = tpu_compile.check(tpu_config(fsdp=1), tpu)
     assert r["fits"] and r["mesh"] == {"data": 4, "fsdp": 1}
     assert r["collectives"]["all-reduce"]["count"] > 0  # the gradient reduction
     assert r["collectives"]["all-gather"]["count"] == 0  # replicated parameters are never gathered
@@ -152,7 +147,7 @@ def test_batch_search_closes_on_the_boundary_within_its_budget(monkeypatch, star
     tpu = topologies.parse("v5e-4")
     limit = 15.75 * 2 ** 30  # what XLA:TPU offers of a v5e chip's 16 GiB
     monkeypatch.setattr(tpu_compile, "check", _affine_compiler(2e8, 1.2e5, limit))
-    config = tiny_config(batch=start)
+    config = tpu_config(batch=start)
     check = tpu_compile.batch_checker(config, tpu, devices=[None] * 4)
     s = find_max_batch(check, config.data.batch_size, 4, tpu.generation.hbm_bytes, max_compiles=6)
     assert config.data.batch_size == start  # each probe compiled a copy
@@ -167,7 +162,7 @@ def test_batch_search_closes_on_the_boundary_within_its_budget(monkeypatch, star
 def test_find_max_batch_on_real_compiles(v5e_4):
     """Real XLA:TPU compiles (minutes near the limit, where XLA rematerialises to fit)."""
     tpu, devices = v5e_4
-    check = tpu_compile.batch_checker(tiny_config(fsdp=1, batch=4096), tpu, devices)
+    check = tpu_compile.batch_checker(tpu_config(fsdp=1, batch=4096), tpu, devices)
     s = find_max_batch(check, 4096, len(devices), tpu.generation.hbm_bytes, max_compiles=5)
     probes = {int(b): p for b, p in s["probes"].items()}
     assert s["max_batch"] % 4 == 0 and probes[s["max_batch"]]["fits"]

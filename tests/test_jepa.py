@@ -8,32 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.configs import tiny_config
+from helpers.faces import load_faces
 from mefem_jax.training.train_step import build, init_state, make_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_config(strategy="stripes", p_cls=0.5, steps=100):
-    from configs import vits
-
-    c = vits.get_config("smoke")
-    c.unlock()
-    c.model.update(width=64, depth=2, heads=2)
-    c.predictor.update(width=32, depth=1, heads=2)
-    c.mask.strategy = strategy
-    c.loss.cls.p_target = p_cls
-    c.total_steps = steps
-    c.data.batch_size = 8
-    c.optim.ref_batch = 8
-    return c
-
-
 def utkface_batch(utkface_dir: Path, n: int, size: int, offset: int = 0) -> np.ndarray:
     """n faces from the sorted file list (sorted by age, so `offset` picks an age range), normalised."""
     files = sorted((utkface_dir / "images").glob("*.jpg"))[offset:offset + n]
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    imgs = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)) / 255.0 for f in files]
-    return ((np.stack(imgs) - mean) / std).astype(np.float32)
+    return load_faces(files, size, Image.BILINEAR)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +31,7 @@ def test_cls_reassignment_controls_gradient_to_context_cls(face_batch):
     loss has exactly zero gradient w.r.t. it; when CLS always stays in the context, the gradient is non-zero.
     The CLS loss only exists in the first case."""
     for p_cls, expect_grad in ((1.0, False), (0.0, True)):
-        pieces = build(tiny_config(p_cls=p_cls))
+        pieces = build(tiny_config(**{"loss.cls.p_target": p_cls, "total_steps": 100}))
         state = init_state(pieces, jax.random.PRNGKey(0))
         obj = pieces.objective
         grad_fn = jax.jit(jax.grad(lambda p: obj.loss(p, state.target_params, face_batch, jax.random.PRNGKey(3)),
@@ -65,7 +50,7 @@ def test_cls_reassignment_controls_gradient_to_context_cls(face_batch):
 # the step; the quadrant sampler's own compile-once check is in test_masking.py.
 @pytest.mark.parametrize("strategy", ["stripes", "multiblock"])
 def test_step_compiles_once_over_50_steps_and_updates_ema(strategy, face_batch):
-    pieces = build(tiny_config(strategy=strategy, steps=50))
+    pieces = build(tiny_config(**{"mask.strategy": strategy, "total_steps": 50}))
     traces = []
     raw_step = make_train_step(pieces)
 
@@ -96,7 +81,7 @@ def test_step_compiles_once_over_50_steps_and_updates_ema(strategy, face_batch):
 
 def test_masks_differ_between_steps():
     """Fresh masks every step come from fold_in(rng, step), not from a fixed draw."""
-    pieces = build(tiny_config())
+    pieces = build(tiny_config(total_steps=100))
     obj = pieces.objective
     a, _ = obj.sample(jax.random.fold_in(jax.random.PRNGKey(0), 0), 8)
     b, _ = obj.sample(jax.random.fold_in(jax.random.PRNGKey(0), 1), 8)
@@ -112,7 +97,7 @@ def test_learns_on_real_faces_without_collapse(utkface_dir):
     gives exactly 0 and a near-collapsed one < 1e-3. We require it to stay above 0.02 and above a fifth of its
     starting value, so a slow slide towards collapse also fails.
     """
-    c = tiny_config(steps=120)
+    c = tiny_config(total_steps=120)
     c.model.update(width=96, depth=3, heads=3)
     c.predictor.update(width=48, depth=2, heads=3)
     c.data.batch_size = c.optim.ref_batch = 32
@@ -139,8 +124,8 @@ def test_learns_on_real_faces_without_collapse(utkface_dir):
 def test_sigreg_term_is_added_only_when_asked(face_batch):
     """Weight 0 (MeFEm's recipe) leaves the loss exactly the JEPA loss and the masks unchanged; a weight
     adds weight * sigreg, and its gradient reaches the context encoder's CLS even when CLS is a target."""
-    base = tiny_config(p_cls=1.0)
-    reg = tiny_config(p_cls=1.0)
+    base = tiny_config(**{"loss.cls.p_target": 1.0, "total_steps": 100})
+    reg = tiny_config(**{"loss.cls.p_target": 1.0, "total_steps": 100})
     reg.loss.sigreg.weight = 0.5
     out = {}
     for name, c in (("base", base), ("reg", reg)):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mefem_jax.training.train_step import build, init_state, make_train_step
-from test_jepa import tiny_config
+from helpers.configs import tiny_config
 
 STEPS = 20
 
@@ -33,9 +33,9 @@ def test_bf16_tracks_fp32_on_real_faces(face_pool):
     matmul input; through a few blocks and 20 AdamW steps the loss drifts by a few tenths of a percent
     (measured: max 0.5% here). We allow 3%: well under the 25%+ the loss moves over these steps, so any
     real precision bug (a bf16 accumulation, bf16 master weights, a bf16 softmax) shows up."""
-    c32 = tiny_config(steps=STEPS)
+    c32 = tiny_config(total_steps=STEPS)
     c32.data.batch_size = c32.optim.ref_batch = 16
-    c16 = tiny_config(steps=STEPS)
+    c16 = tiny_config(total_steps=STEPS)
     c16.data.batch_size = c16.optim.ref_batch = 16
     c16.model.dtype = "bfloat16"
     l32, _ = run(c32, face_pool)

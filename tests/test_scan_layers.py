@@ -17,7 +17,7 @@ from mefem_jax.weights.timm_keys import params_to_timm, timm_to_params
 from mefem_jax.models.predictor import Predictor
 from mefem_jax.models.vit import ViT, encoder_from_config, stack_blocks, unstack_blocks
 from mefem_jax.training.train_step import TrainState, build, init_state, make_train_step
-from test_jepa import tiny_config
+from helpers.configs import tiny_config
 
 
 def _tree_close(a, b, **tol):
@@ -130,7 +130,7 @@ def test_scanned_and_remat_train_steps_match_unrolled(faces):
     """Three full updates (masks, loss, AdamW, EMA) from the same weights: unrolled blocks, scanned blocks,
     and scanned blocks with remat (which changes memory, not the maths)."""
     batch = jnp.asarray(faces(8, 112))
-    config = tiny_config(steps=3)
+    config = tiny_config(total_steps=3)
     config.model.depth = config.predictor.depth = 2
     results = {}
     for name, scan, remat in (("unrolled", False, False), ("scan", True, False), ("scan+remat", True, True)):

@@ -18,7 +18,7 @@ from mefem_jax.reference import torch_step as ref  # noqa: E402
 from mefem_jax.training import optim  # noqa: E402
 from mefem_jax.weights.timm_keys import params_to_timm  # noqa: E402
 from mefem_jax.training.train_step import build, init_state, make_train_step  # noqa: E402
-from test_jepa import tiny_config  # noqa: E402
+from helpers.configs import tiny_config  # noqa: E402
 
 B = 8
 
@@ -49,7 +49,7 @@ def assert_updates_close(new: dict, want_new: dict, old: dict, tol: float, what:
 # with one set each, so it runs only in the slow suite (each case compiles the JAX step, ~8-15 s on CPU).
 @pytest.mark.parametrize("strategy", ["multiblock", pytest.param("stripes", marks=pytest.mark.slow)])
 def test_reference_matches_jax_step(strategy, faces):
-    c = tiny_config(strategy=strategy, p_cls=0.5)
+    c = tiny_config(**{"mask.strategy": strategy, "loss.cls.p_target": 0.5, "total_steps": 100})
     c.data.batch_size = c.optim.ref_batch = B
     c.mask.multiblock.n_enc = 2
     # Weight decay at step 0 is wd; 0.4 (I-JEPA's final value) makes its share of the first update
@@ -114,7 +114,7 @@ def test_reference_matches_jax_step(strategy, faces):
 def test_host_schedules_match_optax():
     """The reference sets lr / weight decay / EMA momentum on the host each step, from the same curves
     (to float32 rounding: optax evaluates them in float32, the host in float64)."""
-    c = tiny_config(steps=100)
+    c = tiny_config(total_steps=100)
     oc, batch = c.optim, 24  # a batch != ref_batch exercises the linear lr scaling
     lr, wd, ema = optim.lr_schedule(oc, batch, 100), optim.wd_schedule(oc, 100), optim.ema_schedule(oc, 100)
     for step in (0, 7, oc.warmup_steps, 61, 99, 150):
