@@ -12,6 +12,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import glob
+import importlib.util
+import os
 import sys
 from typing import Callable
 
@@ -90,9 +93,28 @@ def flags_parser(prog: str, config_flag=None) -> Callable[[list[str]], list[str]
     return parse
 
 
+def _skip_libtpu_without_a_tpu() -> None:
+    """Keeps jax from starting libtpu on a machine that has it installed (the `tpu` extra, which the test
+    extra pulls in) but no TPU: libtpu then prints several lines of start-up errors before the one line
+    that matters, and, while another run holds /tmp/libtpu_lockfile, tells the user to delete it. A TPU VM
+    shows its chips as /dev/accel* (or /dev/vfio/N); a user's JAX_PLATFORMS always wins, and a GPU
+    plugin keeps jax's own choice (an explicit platform list would make a missing GPU an error)."""
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
+        return
+    import jax  # the entry points have imported it already; no backend has started yet
+
+    jax.config.update("jax_platforms", "cpu")
+
+
 def run(prog: str, main: Callable[[list[str]], int | None], config_flag=None) -> None:
     """Runs an entry point's `main(argv)` under absl with the project's error path: bad flags at parsing,
-    errors of HANDLED from `main`, and a `--debug` flag (defined here if the module has none)."""
+    errors of HANDLED from `main`, and a `--debug` flag (defined here if the module has none). On a CPU
+    machine with libtpu installed, jax stays on the CPU (`_skip_libtpu_without_a_tpu`)."""
+    _skip_libtpu_without_a_tpu()
     if "debug" not in flags.FLAGS:
         flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.")
     app.run(guarded(prog, main, _debug_flag), flags_parser=flags_parser(prog, config_flag))

@@ -3,10 +3,13 @@
 side, so the test costs about one start-up."""
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,3 +51,17 @@ def test_debug_keeps_the_traceback(tmp_path):
     proc = _start(module, [*args, "--debug"], tmp_path)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "Traceback" in err and "UsageError" in err, err[-2000:]
+
+
+def test_a_cpu_machine_with_libtpu_installed_starts_quietly(tmp_path, utkface_dir):
+    """With the tpu extra installed and no TPU, a command used to print libtpu's start-up errors (and,
+    while another run held its lock file, advice to delete it) before anything of ours."""
+    pytest.importorskip("libtpu", reason="the quiet start matters only where libtpu is installed")
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        pytest.skip("this machine has a TPU: libtpu is supposed to start")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user's shell has it
+    done = subprocess.run([sys.executable, "-m", "mefem_jax.viz", "--config=configs/vits.py:smoke",
+                           f"--faces={utkface_dir}", "--num_faces=2", f"--out={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tpu" not in done.stderr.lower(), done.stderr[-2000:]
