@@ -8,6 +8,9 @@ on any machine; point `data.train` at a shard folder (`python -m mefem_jax.data.
 `tfds:NAME` for real faces. Writes to DIR: config.json, metrics.jsonl, TensorBoard events (tb/),
 checkpoints/ (Orbax: train state + data iterator + config), and plots/loss.png at the end. Re-running
 the same command resumes from the newest complete checkpoint; SIGTERM (preemption) saves before exit.
+A resume refuses settings or data that would change what its steps compute, unless
+`--allow_config_change=KEY[,KEY...]` names them; every change is kept in config_history.jsonl
+(training/run_record.py).
 
 One run per workdir (workdir_lock.py). Exit codes, for schedulers: 0 finished, 3 preempted and saved
 (re-run the same command to resume), 2 bad input (flags, config, data, workdir contents), 1 failed
@@ -40,12 +43,15 @@ from mefem_jax.config import validate_config
 from mefem_jax.config_checks import ConfigError
 from mefem_jax.data.pipeline import make_train_iterator
 from mefem_jax.evaluation.online_probe import probe_during_training
-from mefem_jax.training import sharding
+from mefem_jax.models import vit
+from mefem_jax.training import run_record, sharding
 from mefem_jax.training.checkpoint import Checkpointer, checkpoint_dir, with_shardings
 from mefem_jax.training.metric_writer import MetricWriter, plot_loss, read_metrics
 from mefem_jax.training.run_setup import prepare
 from mefem_jax.training.workdir_lock import LOCK_NAME, WorkdirLock
 from mefem_jax.weights import encoders
+from mefem_jax.weights.runs import run_step
+from mefem_jax.weights.timm_keys import ConversionError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py[:smoke].",
                                           lock_config=True)
@@ -55,6 +61,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total processes, with --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Join a multi-host run that jax detects itself (TPU pods).")
+_ALLOW_CHANGE = flags.DEFINE_list(
+    "allow_config_change", [], "Config keys (or sections) a resume may change although that changes what its "
+    "steps compute, e.g. data.batch_size,data.train; each change is recorded in WORKDIR/config_history.jsonl.")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,6 +72,10 @@ class NonFiniteLossError(RuntimeError):
 
 class LostCheckpointsError(ValueError):
     pass
+
+
+class InitFromMismatchError(ValueError):
+    """init_from's weights do not fit model.*: one short line; the cause lists every parameter."""
 
 
 class Preemption:
@@ -86,10 +99,12 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-def train(config, workdir: str | Path) -> dict:
+def train(config, workdir: str | Path, allow_config_change: tuple[str, ...] | list[str] = ()) -> dict:
     """Runs (or resumes) the run in `workdir` up to `config.total_steps`; returns the last logged metrics
-    with `step` (the last step done and saved) and `preempted` (stopped by a signal after saving)."""
+    with `step` (the last step done and saved) and `preempted` (stopped by a signal after saving).
+    `allow_config_change`: keys a resume may change beyond run_record.RESUMABLE."""
     validate_config(config)  # before the workdir is touched: a bad config leaves nothing behind
+    run_record.check_allowed_names(config, allow_config_change)
     workdir = epath.Path(workdir)
     is_lead = jax.process_index() == 0
     local = "://" not in str(workdir)
@@ -98,7 +113,7 @@ def train(config, workdir: str | Path) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
     with WorkdirLock(workdir) if is_lead else contextlib.nullcontext():
         try:
-            return _train_locked(config, workdir, is_lead)
+            return _train_locked(config, workdir, is_lead, tuple(allow_config_change))
         except BaseException:
             if created:
                 _remove_if_untouched(workdir)
@@ -139,7 +154,7 @@ def _check_total(total: int, start: int, workdir) -> None:
                           f"checkpoint in {workdir} that this run resumes from")
 
 
-def _train_locked(config, workdir, is_lead: bool) -> dict:
+def _train_locked(config, workdir, is_lead: bool, allow_config_change: tuple[str, ...]) -> dict:
     if is_lead:
         _refuse_lost_checkpoints(workdir)
     run = prepare(config)
@@ -151,19 +166,19 @@ def _train_locked(config, workdir, is_lead: bool) -> dict:
 
     ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
     total = int(config.total_steps)
+    resume_check = run_record.ResumeCheck(config, workdir, allow_config_change)
     try:
-        state, start = ckpt.restore_latest(with_shardings(run.abstract_state, run.state_sharding), data_it, config)
+        abstract = with_shardings(run.abstract_state, run.state_sharding)
+        state, start, changes = ckpt.restore_latest(abstract, data_it, accept=resume_check)
         _check_total(total, start, workdir)
-    except BaseException:  # a refused resume stops Orbax's and Grain's threads too
+        if state is None:
+            state = _fresh_state(run, config)
+    except BaseException:  # a refused resume or failed start stops Orbax's and Grain's threads too
         ckpt.close()
         data_it.close()
         raise
-    if is_lead:  # after the compatibility check: a refused resume leaves the run's config.json alone
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    if state is None:
-        state = run.init()
-        if config.init_from:
-            state = _init_encoder_from(state, config, run.state_sharding)
+    if is_lead:  # once the start is settled: a refused or failed one leaves the run's record alone
+        run_record.write(workdir, config, start, changes)
     step_fn = run.step
 
     writer = MetricWriter(workdir, enabled=is_lead)
@@ -203,7 +218,8 @@ def _train_locked(config, workdir, is_lead: bool) -> dict:
                     # The loop waits here for the device-to-host copy and for the previous async save to
                     # finish; the writing itself overlaps the next steps. Logged as ckpt_stall_s.
                     t_save = time.perf_counter()
-                    ckpt.save(done, state, data_it, config, force=True, counters=stats.as_dict())
+                    ckpt.save(done, state, data_it, config, force=True, counters=stats.as_dict(),
+                              data_identity=resume_check.data)
                     stall_s += time.perf_counter() - t_save
                 probe = {}
                 if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
@@ -253,13 +269,43 @@ def _probe(pieces, state, config) -> dict:
     return probe_during_training(pieces.objective.encoder, params, config.eval)
 
 
-def _init_encoder_from(state, config, state_sh):
-    """Loads released / exported encoder weights into both encoders; the predictor keeps its fresh init."""
-    enc = encoders.load_encoder_params(config.init_from, config.model)
-    params = dict(state.params, encoder=enc)
-    state = state.replace(params=params, target_params=enc)
+def _fresh_state(run, config):
+    """The step-0 state; with `init_from`, its encoders (context and target) hold those weights and the
+    predictor keeps its fresh init. The weights are read before the state is built: they fail more often."""
+    encoder = _init_from_weights(config) if config.init_from else None
+    state = run.init()
+    if encoder is None:
+        return state
+    state = state.replace(params=dict(state.params, encoder=encoder), target_params=encoder)
     logging.info("initialised the encoder from %s", config.init_from)
-    return jax.device_put(state, state_sh)
+    return jax.device_put(state, run.state_sharding)
+
+
+def _init_from_weights(config) -> dict:
+    try:
+        return encoders.load_encoder_params(config.init_from, config.model)
+    except ConversionError as e:
+        if len(e.problems) <= 1:  # already one line
+            raise
+        # Weights of another architecture misfit every parameter (54 for a width change): name the cause.
+        raise InitFromMismatchError(f"init_from {config.init_from}: {_architecture_misfit(config)} "
+                                    f"({len(e.problems)} parameters do not fit); --debug lists them") from e
+
+
+def _architecture_misfit(config) -> str:
+    """'width 128 != model.width 64' for each shape key on which init_from's weights and model.* differ."""
+    source = str(config.init_from)
+    # A weights file need not say its head count, which shapes no parameter: borrow the configured one.
+    spec = source if run_step(source) else f"{source}:heads={config.model.heads}"
+    try:
+        theirs = encoders.load_encoder(spec).model_cfg
+    except Exception:  # noqa: BLE001 - only the description is lost; the mismatch itself was read
+        return "does not fit the configured encoder"
+    # variant is a name, heads shape nothing, and the scanned or unrolled layout is converted on loading.
+    keys = [k for k in vit.PARAM_SHAPE_KEYS if k not in ("variant", "heads", "scan_layers")]
+    differ = [f"{k} {theirs.get(k)} != model.{k} {config.model.get(k)}" for k in keys
+              if theirs.get(k) != config.model.get(k)]
+    return ", ".join(differ) or "does not fit the configured encoder"
 
 
 class DataStats:
@@ -292,7 +338,7 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     _MULTIHOST.value)
-    summary = train(_CONFIG.value, _WORKDIR.value)  # errors: one line and a status, through cli.run
+    summary = train(_CONFIG.value, _WORKDIR.value, _ALLOW_CHANGE.value)  # errors: one line and a status (cli.run)
     preempted = summary.pop("preempted", False)
     print(json.dumps(dict({k: summary[k] for k in ("step", "loss", "img_per_sec") if k in summary},
                           status="preempted" if preempted else "finished")))

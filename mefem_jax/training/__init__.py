@@ -6,6 +6,7 @@ Read in this order:
   train_step.py     the model pieces and the jitted update (objective, optimiser, EMA)
   run_setup.py      the run before its first step: mesh, state layout, shardings, donated jit
   checkpoint.py     Orbax: train state + data iterator + config, async and atomic
+  run_record.py     what a resume may change, the identity of the training data, config_history.jsonl
   metric_writer.py  metrics.jsonl, TensorBoard, the loss plot
   workdir_lock.py   one run per workdir
 """

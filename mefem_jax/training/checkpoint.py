@@ -1,6 +1,11 @@
 """Orbax checkpoints of a training run: the train state, the Grain iterator and the config, as one step.
 
-    WORKDIR/checkpoints/<step>/{state, data, config}
+    WORKDIR/checkpoints/<step>/{state, data, config, counters, data_identity}
+
+`config`, `counters` and `data_identity` are JSON: the settings the step was computed under, the run's
+host-side tallies, and which training data the iterator position refers to (run_record.py). A resume reads
+them before the state, so that a run which may not continue (run_record.ResumeCheck) is refused before any
+array is loaded.
 
 Saving the data iterator with the model is what makes a resumed run *bit-identical* to an uninterrupted
 one: it continues from the exact next batch, and the step's randomness is `fold_in(rng, step)`. Saves are
@@ -15,7 +20,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grain
 from etils import epath
@@ -67,19 +72,21 @@ class Checkpointer:
     # ------------------------------------------------------------------------------------ save
 
     def save(self, step: int, state, data_iterator, config, force: bool = False,
-             counters: dict | None = None) -> bool:
+             counters: dict | None = None, data_identity: dict | None = None) -> bool:
         """Saves when `step` is on the save interval (or `force`); returns whether a save started.
 
         `counters` (JSON) are the run's cumulative host-side tallies, such as images decoded and skipped,
-        which must continue across a resume like the state does.
+        which must continue across a resume like the state does. `data_identity` (JSON) names the data
+        the steps were trained on (run_record.data_identity).
         """
         items = dict(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
         )
-        if counters is not None:
-            items["counters"] = ocp.args.JsonSave(dict(counters))
+        for name, value in (("counters", counters), ("data_identity", data_identity)):
+            if value is not None:
+                items[name] = ocp.args.JsonSave(dict(value))
         args = ocp.args.Composite(**items)
         self.check()  # the previous save's error is that save's, not this one's
         self._saving = int(step)
@@ -119,17 +126,19 @@ class Checkpointer:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, abstract_state, data_iterator, config) -> tuple[Any, int]:
-        """The newest readable checkpoint restored onto `abstract_state`'s shardings, or (None, 0).
+    def restore_latest(self, abstract_state, data_iterator,
+                       accept: Callable[[int, dict], Any] | None = None) -> tuple[Any, int, Any]:
+        """(state, step, verdict) of the newest readable checkpoint, restored onto `abstract_state`'s
+        shardings, or (None, 0, None).
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `sharding` set, so the arrays land
         directly on the current mesh whatever mesh wrote them. `data_iterator` is restored in place.
+        `accept(step, saved)` sees what the step saved beside its state (`saved_beside`) before the state
+        is read: it raises to refuse the resume, and its return value is the verdict.
         """
         unreadable = []
         for step in reversed(self.steps()):
-            saved_config = self._read_config(step)
-            if saved_config is not None:
-                check_compatible(saved_config, config)
+            verdict = accept(step, self.saved_beside(step)) if accept is not None else None
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
@@ -142,13 +151,13 @@ class Checkpointer:
                 continue
             self._set_aside(unreadable)
             logging.info("resumed from step %d in %s", step, self.directory)
-            return restored.state, step
+            return restored.state, step, verdict
         if unreadable:
             # Starting afresh here would silently discard the run (and rewrite its metrics from step 0).
             raise UnreadableCheckpointsError(
                 f"none of the checkpoints in {self.directory} (steps {sorted(unreadable)}) can be restored, "
                 "see the warnings above; move them away to start this run afresh")
-        return None, 0
+        return None, 0, None
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves unreadable step folders to WORKDIR/checkpoints_unreadable/, out of the manager's sight.
@@ -173,16 +182,17 @@ class Checkpointer:
 
     def read_counters(self, step: int) -> dict:
         """The counters saved with `step`; {} for a checkpoint written before they were saved."""
-        try:
-            args = ocp.args.Composite(counters=ocp.args.JsonRestore())
-            return dict(self.manager.restore(step, args=args).counters)
-        except Exception:  # noqa: BLE001 - absent in older checkpoints
-            return {}
+        return dict(self._read_json(step, "counters") or {})
 
-    def _read_config(self, step: int) -> dict | None:
+    def saved_beside(self, step: int) -> dict:
+        """{"config", "data_identity"} saved with `step`, each None where absent (older checkpoints) or
+        unreadable (the state restore that follows reports a damaged step)."""
+        return {name: self._read_json(step, name) for name in ("config", "data_identity")}
+
+    def _read_json(self, step: int, name: str):
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        except Exception:  # noqa: BLE001 - an unreadable config is reported by the state restore below
+            return self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+        except Exception:  # noqa: BLE001 - absent in older checkpoints, or damaged
             return None
 
 
