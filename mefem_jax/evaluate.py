@@ -23,9 +23,19 @@ rows. The report also gives the effective rank (RankMe) of the CLS, mean-pooled 
 embeddings of the test images, and warns when one has collapsed. Writes OUT/report.json,
 OUT/report.md and PNG plots. Embeddings are cached (see
 embeddings.py), so re-running with other targets costs only the probes.
+
+--grid_size is at most the model's patch grid (image size / patch size a side: 14 for 224 px and
+16 px patches, 7 for 112 px). A grid that does not divide it pools uneven, area-weighted bins (3 on
+7x7: cells 7/3 patches wide); a finer one is refused: 8 on 7x7 would only copy or blend neighbouring
+patches into 8x8 cells, more dimensions than the patch tokens with no more information (and a grid
+far larger, 1000 on 14x14, asks the forward for terabytes). --pixel_size is at most the image size.
+
+Flags are checked before --out is created; a run refused later (a constant target, a missing column)
+removes the --out folder it created if nothing was written into it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -90,11 +100,14 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
     `probe_threads`: BLAS threads for the probe fits (see `probes.blas_threads`; None: default)."""
     t_start = time.perf_counter()
     out = Path(out)
+    if not features:
+        raise UsageError(f"--features is empty; choose one or more of {','.join(FEATURES)}")
     unknown = [f for f in features if f not in FEATURES]
     if unknown:
         raise UsageError(f"unknown feature set(s) {unknown}; choose from {FEATURES}")
-    if grid_size < 1:
-        raise UsageError(f"--grid_size must be at least 1, got {grid_size}")
+    for flag, value in (("batch_size", batch_size), ("grid_size", grid_size), ("pixel_size", pixel_size)):
+        if value < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {value}")
     parsed: list[Target] = parse_targets(targets) if targets else []
     if parsed and not (train and test):
         raise UsageError("--targets needs both --train and --test")
@@ -106,38 +119,65 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
     cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
 
     loaded = load_encoder(model, which=which, dtype=dtype)
+    _check_sizes(loaded, grid_size, pixel_size)
     width, depth, heads = encoder_dims(loaded.model_cfg)
     report: dict = {
         "model": {"spec": model, "which": which, "identity": loaded.identity,
                   "config": loaded.model_cfg.to_dict(), "width": width, "depth": depth, "heads": heads},
         "pixel_size": pixel_size, "grid_size": grid_size, "data": {}, "probes": [], "verification": [],
         "plots": [], "health": {}, "warnings": []}
-    out.mkdir(parents=True, exist_ok=True)
+    with _out_folder(out):
+        if parsed:
+            emb_train = _embed(loaded, train, "train", batch_size, cache_dir, pixel_size, grid_size, report, parsed)
+            emb_test = _embed(loaded, test, "test", batch_size, cache_dir, pixel_size, grid_size, report, parsed)
+            report["health"] = rankme.health(emb_test.features, emb_test.tokens)
+            report["warnings"] += rankme.low_rank_warnings(report["health"])
+            check_columns(parsed, list(emb_train.labels), "train")
+            check_columns(parsed, list(emb_test.labels), "test")
+            shared = np.intersect1d(emb_train.ids, emb_test.ids)
+            if len(shared):
+                report["warnings"].append(f"{len(shared)} image id(s) are in both train and test "
+                                          f"(e.g. {shared[:3].tolist()}): probe scores are optimistic")
+            with blas_threads(probe_threads):
+                _run_probes(parsed, emb_train, emb_test, features, out, report, seed)
 
-    if parsed:
-        emb_train = _embed(loaded, train, "train", batch_size, cache_dir, pixel_size, grid_size, report, parsed)
-        emb_test = _embed(loaded, test, "test", batch_size, cache_dir, pixel_size, grid_size, report, parsed)
-        report["health"] = rankme.health(emb_test.features, emb_test.tokens)
-        report["warnings"] += rankme.low_rank_warnings(report["health"])
-        check_columns(parsed, list(emb_train.labels), "train")
-        check_columns(parsed, list(emb_test.labels), "test")
-        shared = np.intersect1d(emb_train.ids, emb_test.ids)
-        if len(shared):
-            report["warnings"].append(f"{len(shared)} image id(s) are in both train and test "
-                                      f"(e.g. {shared[:3].tolist()}): probe scores are optimistic")
-        with blas_threads(probe_threads):
-            _run_probes(parsed, emb_train, emb_test, features, out, report, seed)
-
-    if pairs_parsed is not None:
-        emb_pairs = _embed(loaded, pairs_data or test, "pairs", batch_size, cache_dir, pixel_size, grid_size,
-                           report)
-        _run_verification(pairs_parsed, emb_pairs, features, out, report)
+        if pairs_parsed is not None:
+            emb_pairs = _embed(loaded, pairs_data or test, "pairs", batch_size, cache_dir, pixel_size, grid_size,
+                               report)
+            _run_verification(pairs_parsed, emb_pairs, features, out, report)
 
     for w in report["warnings"]:
         logger.warning(w)
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     eval_report.write_report(out, report)
     return report
+
+
+@contextlib.contextmanager
+def _out_folder(out: Path):
+    """Creates --out for the run inside; a run refused there (a constant target, a missing column, a
+    pair id not in the data) removes it again if it made it and nothing was written into it."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # not empty (or gone): what the run wrote stays
+                out.rmdir()
+        raise
+
+
+def _check_sizes(loaded, grid_size: int, pixel_size: int) -> None:
+    """--grid_size within the patch grid, --pixel_size within the image (module docstring): a larger one
+    adds no information, and a far larger one asks for an output no memory holds."""
+    gh, gw = loaded.encoder.grid
+    if grid_size > min(gh, gw):
+        raise UsageError(f"--grid_size={grid_size} is finer than the model's {gh}x{gw} patch grid; "
+                         f"choose 1 to {min(gh, gw)}")
+    if pixel_size > loaded.image_size:
+        raise UsageError(f"--pixel_size={pixel_size} is larger than the model's {loaded.image_size} px "
+                         f"images; choose 1 to {loaded.image_size}")
 
 
 def _run_probes(parsed: list[Target], emb_train, emb_test, features, out: Path, report: dict,
@@ -151,6 +191,11 @@ def _run_probes(parsed: list[Target], emb_train, emb_test, features, out: Path, 
             report["probes"].append(row)
             results[feature] = result
             logger.info("%s [%s] %s: %s", target.name, target.kind, feature, row["metrics"])
+        nonfinite = {split: row[f"n_nonfinite_{split}"] for split in ("train", "test")}  # same for every feature
+        if any(nonfinite.values()):
+            report["warnings"].append(f"target {target.name!r}: left out {nonfinite['train']} train and "
+                                      f"{nonfinite['test']} test row(s) whose label is not finite (inf, -inf, "
+                                      "or too large for a float)")
         name = eval_report.safe_name(target.name)
         if target.kind == "regression":
             eval_report.plot_regression(out / f"{name}_scatter.png", target.name, results)
@@ -205,11 +250,14 @@ def _define_flags() -> None:
     flags.DEFINE_string("pairs", None, "Verification pairs file: id_a id_b same(1/0) per line.")
     flags.DEFINE_string("pairs_data", None, "Data spec holding the pair ids (default: --test).")
     flags.DEFINE_enum("which", "target", ["target", "context"], "Encoder of a checkpoint holding both.")
-    flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+    flags.DEFINE_integer("batch_size", 64, "Images per forward pass (at least 1).")
     flags.DEFINE_string("cache_dir", str(default_cache_dir()), "Embedding cache folder; empty to disable.")
-    flags.DEFINE_integer("pixel_size", PIXEL_SIZE, "Side of the downsampled raw-pixel baseline.")
-    flags.DEFINE_list("features", list(FEATURES), "Feature sets to probe.")
-    flags.DEFINE_integer("grid_size", GRID_SIZE, "The grid readout pools the patch tokens to this many cells a side.")
+    flags.DEFINE_integer("pixel_size", PIXEL_SIZE, "Side of the downsampled raw-pixel baseline (at most the image's).")
+    flags.DEFINE_list("features", list(FEATURES), "Feature sets to probe (one or more).")
+    flags.DEFINE_integer("grid_size", GRID_SIZE, "The grid readout pools the patch tokens to this many cells a side: "
+                         "1 (= mean) up to the model's patch grid (14 for 224 px / 16 px patches), which is the "
+                         "patch tokens themselves; 3 on a 7x7 grid pools uneven, area-weighted bins; a finer "
+                         "grid (8 on 7x7) is refused: it would only copy and blend neighbouring patches.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the forward pass.")
     flags.DEFINE_integer("seed", 0, "Seed of the cross-validation folds.")
     flags.DEFINE_integer("probe_threads", 1, "BLAS threads for the probe fits; 0 = the library default.")

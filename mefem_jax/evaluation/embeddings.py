@@ -7,7 +7,11 @@ For every image the forward returns three feature vectors:
     grid    the patch tokens average-pooled to a `grid_size` x `grid_size` grid of the face and
             concatenated ([g*g*D]): a readout that keeps the face's layout, like the pixel baseline
             does, so "does the encoder know more than the pixels" compares like with like. g = 1 is
-            `mean`; a grid that does not divide the patch grid pools uneven bins (area weights).
+            `mean`; a grid that does not divide the patch grid pools uneven bins (area weights): 3 on
+            7x7 patches makes cells 7/3 patches wide. g equal to the patch grid is the patch tokens
+            themselves. A finer g (8 on 7x7) would make each cell 7/8 of a patch wide, so by
+            `pooling_matrix` every cell is a copy of one patch or an area blend of two neighbours a
+            side: more dimensions (8*8*D > 7*7*D) and no more information; `evaluate` refuses it.
     pixels  the image itself, area-downsampled to `pixel_size`^2 x 3: the raw-pixel baseline a
             probe on the embeddings has to beat
 
@@ -99,6 +103,11 @@ def embed_batch(params, images: jax.Array, n_valid: jax.Array | int | None = Non
 
 
 def _to_host(tree) -> dict[str, np.ndarray]:
+    # Wait for the forward first: a failed execution raises here (e.g. RESOURCE_EXHAUSTED when an output
+    # cannot be allocated). Without it, np.asarray reads the buffer through the buffer protocol, which
+    # on the CPU client waits forever (0 % CPU) on an output whose allocation failed (jaxlib 0.10).
+    jax.block_until_ready(tree)
+
     def fetch(x: jax.Array) -> np.ndarray:
         if x.is_fully_addressable:
             return np.asarray(x)

@@ -54,7 +54,8 @@ def blas_threads(n: int | None):
 
 
 class ProbeError(ValueError):
-    """The labels cannot be probed as asked (too few classes or examples, unseen test classes)."""
+    """The labels cannot be probed as asked (too few classes or examples, unseen test classes, a
+    constant regression target)."""
 
 
 @dataclass
@@ -128,6 +129,8 @@ def fit_regression_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.nd
     if len(y_train) < 3:
         raise ProbeError(f"need at least 3 training examples for a regression probe, got {len(y_train)}")
     y_train = np.asarray(y_train, np.float64)
+    if np.ptp(y_train) == 0:  # as a single class is for a classifier: the clipped prediction is that value
+        raise ProbeError(f"the train split has a single value ({y_train[0]:g}); nothing to probe")
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=alphas))
     model.fit(x_train, y_train)
     pred = np.clip(model.predict(x_test), y_train.min(), y_train.max())  # see the module docstring

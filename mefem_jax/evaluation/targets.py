@@ -13,8 +13,12 @@ width, nose length, ... each over the inter-ocular distance), so any folder buil
 labels, or its landmark_labels.csv, yields an anthropometric benchmark in one run.
 
 A row whose label is empty (or NaN) for a target is left out of that target's probe and counted
-(`n_missing_*` in the report); a label that is present but unusable (text in a regression or
-survival column) is an error naming the column and examples, since it means the wrong column.
+(`n_missing_*` in the report); so is, in a regression or survival column, a value that is not finite
+(inf, -inf, or a number too large for a float such as 1e400), counted apart (`n_nonfinite_*`, and a
+warning in the report). A label that is present but unusable (text in a regression or survival column)
+is an error naming the column and examples, since it means the wrong column. A regression target with a
+single value in the train split is refused, as a classification target with a single class is: there is
+nothing to probe, and its clipped predictions would score a perfect MAE of 0.
 """
 from __future__ import annotations
 
@@ -122,23 +126,36 @@ def class_labels(values: np.ndarray) -> np.ndarray:
     return np.char.strip(values.astype(str))
 
 
+def _probe_rows(target: Target, labels: dict[str, np.ndarray], where: str):
+    """The rows of one split that `target` can use: (mask over the rows, the label arrays of those rows
+    (float64 for numeric kinds), {"missing": n, "nonfinite": n} rows left out)."""
+    keep = ~np.any([_missing(labels[c]) for c in target.columns], axis=0)
+    values = [labels[c][keep] for c in target.columns]
+    dropped = {"missing": int((~keep).sum()), "nonfinite": 0}
+    if target.kind != "classification":
+        values = [numeric(v, c, where) for v, c in zip(values, target.columns)]
+        finite = np.all([np.isfinite(v) for v in values], axis=0)
+        dropped["nonfinite"] = int((~finite).sum())
+        keep[keep] = finite
+        values = [v[finite] for v in values]
+    return keep, values, dropped
+
+
 def probe_target(target: Target, train, test, feature: str, seed: int = 0,
                  intervals: bool = False) -> tuple[dict, Any]:
     """Fit and score one probe. `train` / `test` are `embeddings.Embeddings`. Returns the report
     row (JSON-ready) and the raw result (for plots). `intervals`: add bootstrap 95 % intervals of
     the headline metrics over the test rows (bootstrap.py) as row["intervals"]."""
-    keep_train = ~np.any([_missing(train.labels[c]) for c in target.columns], axis=0)
-    keep_test = ~np.any([_missing(test.labels[c]) for c in target.columns], axis=0)
+    keep_train, y_train, dropped_train = _probe_rows(target, train.labels, "train")
+    keep_test, y_test, dropped_test = _probe_rows(target, test.labels, "test")
     row: dict[str, Any] = {"target": target.name, "kind": target.kind, "features": feature,
-                           "n_train": int(keep_train.sum()), "n_test": int(keep_test.sum()),
-                           "n_missing_train": int((~keep_train).sum()),
-                           "n_missing_test": int((~keep_test).sum())}
+                           "n_train": int(keep_train.sum()), "n_test": int(keep_test.sum())}
+    for reason in ("missing", "nonfinite"):
+        row[f"n_{reason}_train"], row[f"n_{reason}_test"] = dropped_train[reason], dropped_test[reason]
     for split, n in (("train", row["n_train"]), ("test", row["n_test"])):
         if n == 0:
             raise TargetError(f"target {target.name!r}: no labelled rows in the {split} split")
     x_train, x_test = train.features[feature][keep_train], test.features[feature][keep_test]
-    y_train = [train.labels[c][keep_train] for c in target.columns]
-    y_test = [test.labels[c][keep_test] for c in target.columns]
     try:
         if target.kind == "classification":
             result = fit_classification_probe(x_train, class_labels(y_train[0]), x_test,
@@ -147,8 +164,6 @@ def probe_target(target: Target, train, test, feature: str, seed: int = 0,
             if intervals:
                 row["intervals"] = bootstrap.classification_intervals(result.y_true, result.scores, seed=seed)
             return row, result
-        y_train = [numeric(y, c, "train") for y, c in zip(y_train, target.columns)]
-        y_test = [numeric(y, c, "test") for y, c in zip(y_test, target.columns)]
         if target.kind == "regression":
             result = fit_regression_probe(x_train, y_train[0], x_test, y_test[0])
             row.update(penalty=result.penalty, metrics=result.metrics)
