@@ -16,6 +16,7 @@ import glob
 import importlib.util
 import os
 import sys
+import traceback
 from typing import Callable
 
 from absl import app, flags
@@ -49,7 +50,8 @@ def fail(prog: str, error: BaseException) -> int:
 
 
 def guarded(prog: str, main: Callable[[list[str]], int | None], debug: Callable[[], bool]):
-    """`main(argv)` with the errors of HANDLED turned into one line and a status (`debug()`: re-raise)."""
+    """`main(argv)` with the errors of HANDLED turned into one line and a status; with `debug()`, the
+    traceback comes first (printed here: absl would answer a re-raised UsageError with its help page)."""
 
     @functools.wraps(main)
     def run_main(argv: list[str]) -> int:
@@ -57,7 +59,7 @@ def guarded(prog: str, main: Callable[[list[str]], int | None], debug: Callable[
             status = main(argv)
         except HANDLED as e:
             if debug():
-                raise
+                traceback.print_exc()
             return fail(prog, e)
         return EXIT_FINISHED if status is None else status
 
