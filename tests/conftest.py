@@ -41,7 +41,7 @@ if importlib.util.find_spec("torch") is not None:
 
         declare_torchvision_ops()
 
-from helpers.configs import tiny_model_config  # noqa: E402 - after the environment above
+from helpers.tiny_configs import tiny_model_config  # noqa: E402 - after the environment above
 from helpers.faces import load_faces, require_utkface  # noqa: E402
 
 
@@ -70,7 +70,7 @@ def faces(utkface_dir):
 
 @pytest.fixture
 def model_cfg():
-    """model_cfg(**fields) -> the `model` ConfigDict (helpers.configs.tiny_model_config): a 2-block
+    """model_cfg(**fields) -> the `model` ConfigDict (helpers.tiny_configs.tiny_model_config): a 2-block
     width-64 encoder on 112 px images (7x7 grid), small enough for the CPU."""
     return tiny_model_config
 
