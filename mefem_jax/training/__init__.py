@@ -8,5 +8,4 @@ Read in this order:
   checkpoint.py     Orbax: train state + data iterator + config, async and atomic
   run_record.py     what a resume may change, the identity of the training data, config_history.jsonl
   metric_writer.py  metrics.jsonl, TensorBoard, the loss plot
-  workdir_lock.py   one run per workdir
 """

@@ -25,7 +25,7 @@ from mefem_jax.training.checkpoint import CheckpointSaveError, Checkpointer, Inc
 from mefem_jax.config import validate_config
 from mefem_jax.config_checks import ConfigError
 from mefem_jax.training.metric_writer import MetricWriter, read_metrics
-from mefem_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
+from mefem_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 from helpers.repo import REPO
 from helpers.runs import TINY, TOTAL, Run, complete_steps, last_logged_step, logged_steps, run_config
 

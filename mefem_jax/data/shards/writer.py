@@ -29,7 +29,7 @@ from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.data import records
 from mefem_jax.data.shards.image import SkipImage, prepare
 from mefem_jax.data.shards.plan import BuildOptions, Row
-from mefem_jax.training.workdir_lock import LOCK_NAME, WorkdirLock
+from mefem_jax.workdir_lock import LOCK_NAME, WorkdirLock
 
 log = logging.getLogger("build_shards")
 

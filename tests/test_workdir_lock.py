@@ -18,8 +18,8 @@ import threading
 
 import pytest
 
-from mefem_jax.training import workdir_lock
-from mefem_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
+from mefem_jax import workdir_lock
+from mefem_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 
 TIMEOUT_S = 20.0
 WINNER = {"host": "winner", "pid": 4242, "started": "then"}

@@ -1,4 +1,5 @@
-"""One training run per workdir: an OS advisory lock on WORKDIR/.lock, held for the process's lifetime.
+"""One process per folder (a training run's workdir, a shard build's --out): an OS advisory lock on
+FOLDER/.lock, held for the process's lifetime. It sits with the core because both wings use it.
 
 Two runs writing one workdir interleave their metrics rows and race inside Orbax. `fcntl.flock` is
 released by the kernel when the holder exits, however it dies, so a lock can never outlive its run;
