@@ -24,7 +24,7 @@ from mefem_jax import losses, masking
 from mefem_jax.data.config import DATA_RULES, default_data_config
 from mefem_jax.evaluation.config import EVAL_RULES, default_eval_config
 from mefem_jax.models.predictor import default_predictor_config
-from mefem_jax.models.vit import default_model_config
+from mefem_jax.models.vit import default_model_config, patch_grid
 from mefem_jax.training import optim
 
 
@@ -82,6 +82,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         checks.check_section(c[section] if section else c, section, rules)
     checks.require("model.image_size", c.model.image_size, c.model.image_size % c.model.patch_size == 0,
                    f"a multiple of model.patch_size={c.model.patch_size}")
+    side = min(patch_grid(c.model))
+    if "grid" in str(c.eval.features).split(","):  # a grid finer than the patches only repeats them
+        checks.require("eval.grid_size", c.eval.grid_size, c.eval.grid_size <= side,
+                       f"at most the model's patch grid side, {side}")
 
 
 def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

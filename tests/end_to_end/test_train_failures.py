@@ -158,10 +158,11 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):  # 
     ("eval.every_steps", -1, "a number >= 0"),
     ("checkpoint.every_steps", 0, "a number > 0"),
     ("model.image_size", 100, "a multiple of model.patch_size=16"),
+    ("eval.grid_size", 8, "at most the model's patch grid side, 7"),  # with the grid readout below
 ])
 def test_config_values_are_checked_at_start_up(key, value, allowed):  # defect 7
     with pytest.raises(ConfigError) as error:
-        validate_config(tiny_config(**{key: value}))
+        validate_config(tiny_config(**{key: value, "eval.features": "cls,grid"}))
     assert str(error.value) == f"{key}={value!r} is not allowed; allowed: {allowed}"
 
 
