@@ -40,8 +40,8 @@ from PIL import Image
 from common import REPO  # before mefem_jax: puts this checkout first on sys.path
 import train_feed
 from mefem_jax.data import augment, decode, pipeline, records, sources
-from mefem_jax.data.shards import build as build_shards
 from mefem_jax.data.config import default_data_config
+from mefem_jax.data.shards import build as build_shards
 
 UTKFACE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "utkface"))
 BEGIN, END = "<!-- data_pipeline:begin -->", "<!-- data_pipeline:end -->"

@@ -5,7 +5,7 @@ A recipe reads top to bottom in `base_config` below; each section's keys are doc
     model      models/vit.py           default_model_config
     predictor  models/predictor.py     default_predictor_config
     mask       masking/config.py       default_mask_config, MASK_RULES
-    loss       losses.py               default_loss_config, LOSS_RULES
+    loss       objective/losses.py     default_loss_config, LOSS_RULES
     optim      training/optim.py       default_optim_config, OPTIM_RULES
     data       data/config.py          default_data_config, DATA_RULES
     eval       evaluation/config.py    default_eval_config, EVAL_RULES
@@ -20,11 +20,12 @@ from __future__ import annotations
 import ml_collections
 
 from mefem_jax import config_checks as checks
-from mefem_jax import losses, masking
+from mefem_jax import masking
 from mefem_jax.data.config import DATA_RULES, default_data_config
 from mefem_jax.evaluation.config import EVAL_RULES, default_eval_config
 from mefem_jax.models.predictor import default_predictor_config
 from mefem_jax.models.vit import default_model_config, patch_grid
+from mefem_jax.objective import losses
 from mefem_jax.training import optim
 
 

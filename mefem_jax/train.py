@@ -48,10 +48,10 @@ from mefem_jax.training import run_record, sharding
 from mefem_jax.training.checkpoint import Checkpointer, checkpoint_dir, with_shardings
 from mefem_jax.training.metric_writer import MetricWriter, plot_loss, read_metrics
 from mefem_jax.training.run_setup import prepare
-from mefem_jax.workdir_lock import LOCK_NAME, WorkdirLock
 from mefem_jax.weights import encoders
 from mefem_jax.weights.runs import run_step
 from mefem_jax.weights.timm_keys import ConversionError
+from mefem_jax.workdir_lock import LOCK_NAME, WorkdirLock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py[:smoke].",
                                           lock_config=True)

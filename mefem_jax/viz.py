@@ -17,9 +17,10 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from mefem_jax import cli, losses
+from mefem_jax import cli
 from mefem_jax.masking import make_masker
 from mefem_jax.models.vit import patch_grid
+from mefem_jax.objective import losses
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py.")
 _OUT = flags.DEFINE_string("out", "plots", "Output folder for the PNGs.")

@@ -41,8 +41,8 @@ if importlib.util.find_spec("torch") is not None:
 
         declare_torchvision_ops()
 
-from helpers.tiny_configs import tiny_model_config  # noqa: E402 - after the environment above
-from helpers.faces import load_faces, require_utkface  # noqa: E402
+from helpers.faces import load_faces, require_utkface  # noqa: E402 - after the environment above
+from helpers.tiny_configs import tiny_model_config  # noqa: E402
 
 
 def pytest_configure(config):

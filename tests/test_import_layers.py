@@ -14,8 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mefem_jax"
 # The commands (`python -m mefem_jax.NAME`); `data.build_shards` is the builder's two-line command module.
 ENTRY_POINTS = ("train", "evaluate", "export", "compile_check", "viz", "data.build_shards")
 # The package's top level: the entry points and these core modules; everything else lives in a wing.
-CORE = ("cli", "config", "config_checks", "spec_options", "jepa", "losses", "workdir_lock")
-WINGS = ("training", "tpu", "weights", "evaluation", "data", "data.shards", "masking", "models", "reference")
+CORE = ("cli", "config", "config_checks", "spec_options", "workdir_lock")
+WINGS = ("training", "tpu", "weights", "evaluation", "data", "data.shards", "objective", "masking", "models",
+         "reference")
 
 
 def _module_name(path: Path) -> str:

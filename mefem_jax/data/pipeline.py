@@ -45,8 +45,8 @@ from absl import logging
 from grain.multiprocessing import SharedMemoryArray
 
 from mefem_jax.data import augment, device_augment
-from mefem_jax.data.config import default_data_config
 from mefem_jax.data import sources
+from mefem_jax.data.config import default_data_config
 
 
 def _process_slice(process_index: int | None, process_count: int | None) -> tuple[int, int]:

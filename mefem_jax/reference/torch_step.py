@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from flax import traverse_util
 from torch import nn
 
-from mefem_jax.losses import loss_weight_grid
 from mefem_jax.models.predictor import predictor_from_config
 from mefem_jax.models.vit import encoder_dims, sincos_pos_embed, unstack_blocks
+from mefem_jax.objective.losses import loss_weight_grid
 from mefem_jax.weights.timm_import import import_timm
 from mefem_jax.weights.timm_keys import jax_to_timm_key, params_to_timm
 

@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mefem_jax import jepa
-from mefem_jax.training import optim
 from mefem_jax.data import device_augment
 from mefem_jax.masking import make_masker
 from mefem_jax.models.predictor import predictor_from_config
 from mefem_jax.models.vit import encoder_from_config, patch_grid
+from mefem_jax.objective import jepa
+from mefem_jax.training import optim
 
 
 @flax.struct.dataclass

@@ -9,8 +9,8 @@ from PIL import Image
 
 from helpers.corpus import make_corpus
 from helpers.faces import UTKFACE, utkface_rows
-from mefem_jax.data.config import default_data_config
 from mefem_jax.data import augment, pipeline, records, sources
+from mefem_jax.data.config import default_data_config
 from mefem_jax.data.shards import build as build_shards
 
 IMAGES = os.path.join(UTKFACE, "images")

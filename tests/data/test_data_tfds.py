@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from helpers.faces import UTKFACE, utkface_rows
-from mefem_jax.data.config import default_data_config
 from mefem_jax.data import pipeline, sources
+from mefem_jax.data.config import default_data_config
 
 tfds = pytest.importorskip("tensorflow_datasets")
 

@@ -15,9 +15,9 @@ from mefem_jax.weights import encoders
 from mefem_jax.weights import release as export_lib
 from mefem_jax.weights.timm_keys import ConversionError
 
-from mefem_jax.evaluation.data import DataSpecError, parse_data_spec, read_folder_table
 from helpers.runs import assert_refused, run_module
 from helpers.tiny_configs import SMALLEST_EXPORT, tiny_params
+from mefem_jax.evaluation.data import DataSpecError, parse_data_spec, read_folder_table
 
 IMAGES = os.path.join(UTKFACE, "images")
 

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from helpers.repo import REPO
+from helpers.runs import TOTAL, reference_run, subprocess_env
+from mefem_jax.models.vit import encoder_from_config, unstack_blocks
 from mefem_jax.training.checkpoint import load_params_for_eval
 from mefem_jax.weights.encoders import load_encoder_params
 from mefem_jax.weights.release import save_pth, timm_config
-from mefem_jax.weights.timm_keys import params_to_timm
 from mefem_jax.weights.timm_import import import_timm
-from mefem_jax.models.vit import encoder_from_config, unstack_blocks
-from helpers.runs import TOTAL, reference_run, subprocess_env
-from helpers.repo import REPO
+from mefem_jax.weights.timm_keys import params_to_timm
 
 torch = pytest.importorskip("torch")
 timm = import_timm()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from helpers.faces import UTKFACE, utkface_rows, write_labels
 
-from mefem_jax.data.shards import build as build_shards
 from helpers.repo import REPO
+from mefem_jax.data.shards import build as build_shards
 
 DOCS = ("learning_curves.png", "learning_curves_table.md")
 KEYS = ("probe_age_mae", "probe_gender_acc", "probe_race_acc", "probe_age_mae_mean", "probe_age_mae_grid",

@@ -24,8 +24,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mefem_jax.training.checkpoint import load_params_for_eval
-from mefem_jax.weights.release import export_folder
 from mefem_jax.training.train_step import build, init_state
+from mefem_jax.weights.release import export_folder
 from helpers.runs import (TOTAL, complete_steps, in_flight, logged_steps, reference_run, resumed_from,
                           run, Run, saves_in_flight, last_logged_step)
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from helpers.faces import UTKFACE, utkface_rows, write_labels
+from helpers.repo import REPO
 from mefem_jax import cli
 from mefem_jax import train as train_module
 from mefem_jax.config_checks import ConfigError
 from mefem_jax.training.checkpoint import Checkpointer
 from mefem_jax.training.run_record import FIXED, HISTORY_NAME, RESUMABLE, ResumeCheck, ResumeRefusedError
-from helpers.repo import REPO
 from helpers.runs import (RUN_TIMEOUT_S, TINY, TOTAL, complete_steps, logged_steps, resumed_from, run,
                           run_config)
 

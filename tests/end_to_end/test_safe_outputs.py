@@ -13,8 +13,8 @@ import pytest
 from helpers.faces import UTKFACE, utkface_rows, write_labels
 from helpers.runs import assert_refused, run_module
 from helpers.tiny_configs import SMALLEST_EXPORT, tiny_params
-from mefem_jax.weights import release as export_lib
 from mefem_jax.data.shards import build as build_shards
+from mefem_jax.weights import release as export_lib
 
 IMAGES = os.path.join(UTKFACE, "images")
 @pytest.fixture(scope="module")

@@ -20,14 +20,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mefem_jax import train as train_module
-from mefem_jax.training.checkpoint import CheckpointSaveError, Checkpointer, IncompatibleCheckpointError, check_compatible
-from mefem_jax.config import validate_config
-from mefem_jax.config_checks import ConfigError
-from mefem_jax.training.metric_writer import MetricWriter, read_metrics
-from mefem_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 from helpers.repo import REPO
 from helpers.runs import TINY, TOTAL, Run, complete_steps, last_logged_step, logged_steps, run_config
+from mefem_jax import train as train_module
+from mefem_jax.config import validate_config
+from mefem_jax.config_checks import ConfigError
+from mefem_jax.training.checkpoint import CheckpointSaveError, Checkpointer, IncompatibleCheckpointError, check_compatible
+from mefem_jax.training.metric_writer import MetricWriter, read_metrics
+from mefem_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 
 LOG_EVERY = 5  # > 1, so a stop between log steps shows whether the summary names the saved step
 

@@ -10,18 +10,18 @@ import jax
 import numpy as np
 import pytest
 
-from mefem_jax.evaluation.embeddings import cached_embeddings, compute_embeddings, embed_batch
-from mefem_jax.evaluation.data import DataSpecError, open_eval_data, parse_data_spec
+from helpers.faces import write_labels
+from helpers.repo import REPO
+from helpers.tiny_configs import TINY_SPEC
 from mefem_jax.evaluate import UsageError, run_evaluation
-from mefem_jax.weights.encoders import load_encoder
-from mefem_jax.weights.spec import ModelSpecError, random_model_config
+from mefem_jax.evaluation.data import DataSpecError, open_eval_data, parse_data_spec
+from mefem_jax.evaluation.embeddings import cached_embeddings, compute_embeddings, embed_batch
 from mefem_jax.evaluation.probes import blas_threads
 from mefem_jax.evaluation.survival import fit_survival_probe
 from mefem_jax.evaluation.targets import TargetError, parse_targets
 from mefem_jax.evaluation.verification import PairsError
-from helpers.faces import write_labels
-from helpers.repo import REPO
-from helpers.tiny_configs import TINY_SPEC
+from mefem_jax.weights.encoders import load_encoder
+from mefem_jax.weights.spec import ModelSpecError, random_model_config
 
 TINY = TINY_SPEC  # 4x4 patch grid; compiles in about a second
 

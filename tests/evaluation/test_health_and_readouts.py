@@ -6,8 +6,8 @@ import pytest
 
 from mefem_jax.evaluation import bootstrap, rankme
 from mefem_jax.evaluation.embeddings import embed_batch, grid_pool, pooling_matrix
-from mefem_jax.weights.encoders import load_encoder
 from mefem_jax.evaluation.probes import fit_regression_probe
+from mefem_jax.weights.encoders import load_encoder
 
 
 def planted(rng, n, d, singular_values):

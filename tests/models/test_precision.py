@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mefem_jax.training.train_step import build, init_state, make_train_step
 from helpers.tiny_configs import tiny_config
+from mefem_jax.training.train_step import build, init_state, make_train_step
 
 STEPS = 20
 

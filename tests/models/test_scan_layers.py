@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mefem_jax.training import sharding
-from mefem_jax.weights.timm_keys import params_to_timm, timm_to_params
+from helpers.tiny_configs import tiny_config
 from mefem_jax.models.predictor import Predictor
 from mefem_jax.models.vit import ViT, encoder_from_config, stack_blocks, unstack_blocks
+from mefem_jax.training import sharding
 from mefem_jax.training.train_step import TrainState, build, init_state, make_train_step
-from helpers.tiny_configs import tiny_config
+from mefem_jax.weights.timm_keys import params_to_timm, timm_to_params
 
 
 def _tree_close(a, b, **tol):

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mefem_jax.weights.timm_keys import params_to_timm
-from mefem_jax.weights.timm_import import import_timm
 from mefem_jax.models.vit import VARIANTS, ViT, encoder_from_config, sincos_pos_embed, trunc_normal
+from mefem_jax.weights.timm_import import import_timm
+from mefem_jax.weights.timm_keys import params_to_timm
 
 
 def param_shapes(model):

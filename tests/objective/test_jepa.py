@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.tiny_configs import tiny_config
 from helpers.faces import load_faces
+from helpers.tiny_configs import tiny_config
 from mefem_jax.training.train_step import build, init_state, make_train_step
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mefem_jax import losses
+from mefem_jax.objective import losses
 
 
 @pytest.mark.parametrize("grid", [(7, 7), (14, 14)])

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from helpers.faces import UTKFACE, utkface_rows, write_labels
 
+from helpers.repo import REPO
 from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.data.shards import build as build_shards
 from mefem_jax.data.shards import writer
 from mefem_jax.workdir_lock import WorkdirLockedError
-from helpers.repo import REPO
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes from /proc")
 

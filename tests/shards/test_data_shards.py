@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from helpers.faces import UTKFACE, utkface_rows, write_labels
-from mefem_jax.data.shards import build as build_shards
-from mefem_jax.data.config import default_data_config
 from mefem_jax.data import manifest as manifest_lib, pipeline, sources
+from mefem_jax.data.config import default_data_config
+from mefem_jax.data.shards import build as build_shards
 
 IMAGES = os.path.join(UTKFACE, "images")
 

@@ -20,14 +20,14 @@ from PIL import Image
 pytest.importorskip("dlib", reason='the landmarks extra: pip install -e ".[landmarks]"')
 
 from helpers.faces import UTKFACE, utkface_rows, write_labels
-from mefem_jax.data.shards import build as build_shards, face_align, face_landmarks, face_proportions
+from helpers.repo import REPO
 from mefem_jax.data import csv_text, sources
+from mefem_jax.data.shards import build as build_shards, face_align, face_landmarks, face_proportions
 from mefem_jax.data.shards.faces import NoUsableFace, face_step
 from mefem_jax.data.shards.plan import BuildOptions
 from mefem_jax.evaluate import run_evaluation
 from mefem_jax.evaluation.data import parse_data_spec, read_folder_table
 from mefem_jax.evaluation.targets import parse_targets
-from helpers.repo import REPO
 
 IMAGES = os.path.join(UTKFACE, "images")
 FRAMING = face_align.Framing()  # 224 px, eyes at y = 67.2, 87.4 px apart

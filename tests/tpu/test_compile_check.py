@@ -8,14 +8,14 @@ import sys
 
 import jax
 import pytest
-from helpers.tiny_configs import tiny_config
 from helpers.affine_compiler import AffineCompiler
+from helpers.tiny_configs import tiny_config
 
+from helpers.repo import REPO
 from mefem_jax.tpu import compile as tpu_compile
 from mefem_jax.tpu import topologies
 from mefem_jax.tpu.batch_search import find_max_batch
 from mefem_jax.training import sharding
-from helpers.repo import REPO
 
 ROOT = REPO
 pytest.importorskip("libtpu", reason="compiling for TPU needs the tpu extra: pip install -e '.[tpu]'")

@@ -4,8 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mefem_jax.training.metric_writer import read_metrics
 from helpers.repo import REPO
+from mefem_jax.training.metric_writer import read_metrics
 
 ROOT = REPO
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mefem_jax.training import sharding
 from helpers.repo import REPO
+from mefem_jax.training import sharding
 
 SCRIPT = REPO / "tests" / "helpers" / "sharded_steps.py"
 

@@ -14,11 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
+from helpers.tiny_configs import tiny_config  # noqa: E402
 from mefem_jax.reference import torch_step as ref  # noqa: E402
 from mefem_jax.training import optim  # noqa: E402
-from mefem_jax.weights.timm_keys import params_to_timm  # noqa: E402
 from mefem_jax.training.train_step import build, init_state, make_train_step  # noqa: E402
-from helpers.tiny_configs import tiny_config  # noqa: E402
+from mefem_jax.weights.timm_keys import params_to_timm  # noqa: E402
 
 B = 8
 

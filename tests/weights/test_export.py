@@ -13,8 +13,8 @@ from mefem_jax.weights.encoders import load_encoder_params
 from mefem_jax.weights.release import export_folder
 from mefem_jax.weights.timm_keys import (KEY_TABLE, ConversionError, jax_to_timm_key, params_to_timm, timm_layout,
                                         timm_to_jax_key, timm_to_params)
-from mefem_jax.weights.timm_import import import_timm
 from mefem_jax.models.vit import encoder_from_config
+from mefem_jax.weights.timm_import import import_timm
 
 torch = pytest.importorskip("torch")
 timm = import_timm()

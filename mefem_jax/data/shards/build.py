@@ -58,11 +58,11 @@ import time
 
 from mefem_jax import cli
 from mefem_jax.data import csv_text
+from mefem_jax.data import manifest as manifest_lib
+from mefem_jax.data import records
 from mefem_jax.data.shards import face_align
 from mefem_jax.data.shards import face_landmarks
 from mefem_jax.data.shards import face_proportions
-from mefem_jax.data import manifest as manifest_lib
-from mefem_jax.data import records
 from mefem_jax.data.shards.plan import BuildOptions, Row, plan_rows
 from mefem_jax.data.shards.writer import (STATUS_DIR, SharedFd, ShardJob, check_out_folder, die_with_parent,
                                          mark_build, out_lock, remove_stale, reusable, write_shard)

@@ -10,8 +10,8 @@ import errno
 import os
 
 from mefem_jax.data import csv_text
-from mefem_jax.data.shards import face_proportions
 from mefem_jax.data import records
+from mefem_jax.data.shards import face_proportions
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

@@ -16,8 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mefem_jax import losses
 from mefem_jax.masking import Masker, Masks
+from mefem_jax.objective import losses
 
 
 @dataclasses.dataclass(frozen=True)
