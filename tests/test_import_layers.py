@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mefem_jax"
-# The commands (`python -m mefem_jax.NAME`); `data.build_shards` is the builder's two-line command module.
-ENTRY_POINTS = ("train", "evaluate", "export", "compile_check", "viz", "data.build_shards")
+# The commands (`python -m mefem_jax.NAME`); `data.build_shards` is the builder's two-line command module,
+# `data.leakage` the check for evaluation images in the pretraining data.
+ENTRY_POINTS = ("train", "evaluate", "export", "compile_check", "viz", "data.build_shards", "data.leakage")
 # The package's top level: the entry points and these core modules; everything else lives in a wing.
 CORE = ("cli", "config", "config_checks", "spec_options", "workdir_lock")
 WINGS = ("training", "tpu", "weights", "evaluation", "data", "data.shards", "objective", "masking", "models",
@@ -34,17 +35,18 @@ def _imports(path: Path) -> list[tuple[str, int, bool]]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            candidates = [[alias.name] for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from mefem_jax.data import augment` imports the module data.augment, not just the package.
-            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+            # `from mefem_jax.data import augment, decode` imports the modules data.augment and data.decode;
+            # a name that is not a module (a function, a class) imports the package it comes from.
+            candidates = [[f"{node.module}.{alias.name}", node.module] for alias in node.names]
         else:
             continue
-        for name in names:
-            short = name.removeprefix("mefem_jax.")
-            if name.startswith("mefem_jax.") and short in MODULES:
+        for names in candidates:
+            short = next((n.removeprefix("mefem_jax.") for n in names
+                          if n.startswith("mefem_jax.") and n.removeprefix("mefem_jax.") in MODULES), None)
+            if short is not None and (short, node.lineno) not in {(d, ln) for d, ln, _ in found}:
                 found.append((short, node.lineno, id(node) not in top_level))
-                break  # the most specific module this statement names
     return found
 
 
@@ -68,6 +70,8 @@ def test_the_graph_is_read():
     # Guards the test itself: a parser that found nothing would pass every rule below.
     assert {"train", "weights.encoders", "export", "models.vit", "weights.timm_keys"} <= set(MODULES)
     assert "weights.timm_keys" in GRAPH["weights.encoders"] and "weights.encoders" in GRAPH["export"]
+    # Every module of a `from PACKAGE import a, b` counts, not only the first.
+    assert {"data.augment", "data.device_augment"} <= GRAPH["data.pipeline"]
 
 
 @pytest.mark.parametrize("name", sorted(set(MODULES) - PACKAGES))
