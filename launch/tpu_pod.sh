@@ -22,6 +22,12 @@ readonly REMOTE_RUN=mefem_jax_run        # train.log, train.pid (process group),
 readonly RUN="\$HOME/$REMOTE_RUN"         # ... as the workers' shell spells it
 readonly SRC_TARBALL=mefem_jax-src.tar.gz
 readonly POLL_SECONDS=60                 # queued resources: how often to ask whether it is ACTIVE
+# gs:// data specs are read at GCS_MOUNT_ROOT/BUCKET/PATH: this must equal MOUNT_ROOT in
+# mefem_jax/data/gcs.py, where training maps the specs (tests/launch/test_tpu_pod_gcs.py checks).
+readonly GCS_MOUNT_ROOT=/mnt/gcs
+readonly GCS_CACHE_ROOT=/mnt/gcs_cache   # gcsfuse's file cache, one folder per bucket, on the boot disk
+# Bucket names as Cloud Storage allows them (the same pattern as gcs.py's).
+readonly BUCKET_PATTERN='[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]'
 readonly LOCAL_PYTHON=${PYTHON:-python3}  # this machine's, for the HBM fit check before creating
 
 usage() {
@@ -34,7 +40,9 @@ the same `python -m mefem_jax.train`; JAX finds the other workers of the slice b
 Subcommands
   create    create the TPU VM (with --queued: a queued resource, then wait until it is ACTIVE)
   install   copy the code to every worker and install it with jax[tpu] into ~/mefem_jax_venv
-  train     start training on every worker, detached (it survives a dropped connection)
+  train     start training on every worker, detached (it survives a dropped connection); first
+            mounts, on every worker, the Cloud Storage buckets of the run's gs:// data specs
+            (see "Data on Cloud Storage" below)
   logs      follow one worker's training log (default worker 0) until the run ends
   stop      SIGTERM the training on every worker: it saves a checkpoint, then exits
   delete    delete the TPU VM or queued resource
@@ -67,11 +75,22 @@ Options (every subcommand accepts all of them, so one set of flags serves the wh
   --env=KEY=VALUE          exported on every worker before training, repeatable
   --foreground             train: stay attached and stream every worker's output
   --worker=N               logs: which worker to follow (default 0)
+  --mount-bucket=BUCKET    train, all: also mount this bucket (repeatable), e.g. one that the
+                           config file's data specs name; those of --config.data.* and
+                           --config.eval.* after `--` are mounted without it
+  --gcsfuse-arg=ARG        extra gcsfuse flag for those mounts, repeatable; later flags win, e.g.
+                           --gcsfuse-arg=--file-cache-max-size-mb=200000
   --no-check               all: skip the HBM fit check before creating the slice
   --dry-run                print every command, run none
   -h, --help               this text
 
 Everything after `--` goes verbatim to mefem_jax.train, e.g. -- --config.mesh.fsdp=8
+
+Data on Cloud Storage
+  Training reads a gs://BUCKET/PATH data spec at /mnt/gcs/BUCKET/PATH (mefem_jax/data/gcs.py).
+  Before training, every worker installs gcsfuse if missing (Google's apt repository) and mounts
+  each bucket read-only there, with a 40 GiB file cache in /mnt/gcs_cache/BUCKET (the flags and why:
+  GCSFUSE_DEFAULTS in this script). A bucket already mounted is left as it is; --dry-run shows it all.
 EOF
 }
 
@@ -87,6 +106,61 @@ run() { # print, then run unless --dry-run
 tpu_vm() { run gcloud compute tpus tpu-vm "$@" "${SCOPE[@]}"; }
 queued() { run gcloud compute tpus queued-resources "$@" "${SCOPE[@]}"; }
 on_workers() { tpu_vm ssh "$NAME" --worker="$1" --command="$2"; }
+
+# gcsfuse flags for the data mounts, before --gcsfuse-arg (gcsfuse keeps the last of a repeated flag):
+# --implicit-dirs: folders uploaded with `gcloud storage cp -r` have no folder objects, and would look empty;
+# -o ro: training only reads its data, and a read-only mount cannot change it;
+# the file cache, read whole on the first range read: Grain reads records at random offsets, and without
+# it every epoch would fetch each record again; parallel downloads fetch a shard over many connections.
+# 40 GiB of cache leaves room on a TPU VM's 100 GiB boot disk; a larger dataset is evicted and re-read.
+readonly GCSFUSE_DEFAULTS=(--implicit-dirs -o ro --file-cache-max-size-mb=40960
+  --file-cache-cache-file-for-range-read=true --file-cache-enable-parallel-downloads=true)
+
+# The buckets that the training arguments' data specs (--config.data.* / --config.eval.*, as
+# --key=value or --key value) name as gs://BUCKET/..., then those of --mount-bucket, each once.
+data_buckets() {
+  local arg prev="" value found=() b
+  for arg in "${TRAIN_ARGS[@]}"; do
+    value=""
+    if [[ $arg =~ ^--config\.(data|eval)\.[A-Za-z0-9_.]+=(.*)$ ]]; then
+      value=${BASH_REMATCH[2]}
+    elif [[ $prev =~ ^--config\.(data|eval)\.[A-Za-z0-9_.]+$ ]]; then
+      value=$arg
+    fi
+    prev=$arg
+    while [[ $value =~ gs://($BUCKET_PATTERN) ]]; do
+      found+=("${BASH_REMATCH[1]}")
+      value=${value#*"${BASH_REMATCH[0]}"}
+    done
+  done
+  for b in "${found[@]}" "${MOUNT_BUCKETS[@]}"; do
+    if [[ " ${GCS_BUCKETS[*]} " != *" $b "* ]]; then GCS_BUCKETS+=("$b"); fi
+  done
+}
+
+# Worker-side shell: install gcsfuse unless present (apt waits for the lock unattended-upgrades often
+# holds on a fresh VM), then mount each bucket that is not mounted yet.
+mount_command() {
+  local script b where cache
+  script="set -e; if ! command -v gcsfuse >/dev/null 2>&1; then echo \"installing gcsfuse on \$(hostname)\"; \
+echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt \
+gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null; \
+curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | \
+sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null; sudo apt-get -o DPkg::Lock::Timeout=600 update -qq; \
+sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq gcsfuse; fi"
+  for b in "${GCS_BUCKETS[@]}"; do
+    where=$GCS_MOUNT_ROOT/$b
+    cache=$GCS_CACHE_ROOT/$b
+    script+="; if mountpoint -q $where; then echo \"$where is mounted on \$(hostname)\"; else \
+sudo mkdir -p $where $cache; sudo chown \"\$(id -u):\$(id -g)\" $where $cache; \
+gcsfuse $(quote "${GCSFUSE_DEFAULTS[@]}" "--cache-dir=$cache" "${GCSFUSE_ARGS[@]}" "$b" "$where"); fi"
+  done
+  printf '%s' "$script"
+}
+
+mount_buckets() {
+  if ((${#GCS_BUCKETS[@]})); then on_workers all "$(mount_command)"; fi
+}
 
 # Worker-side shell: stop here if this worker is already training (the code is in use, the TPU busy).
 guard_idle() {
@@ -196,6 +270,7 @@ train_command() {
 
 cmd_train() {
   local train
+  mount_buckets
   train=$(train_command)
   if ((FOREGROUND)); then
     on_workers all "set -e -o pipefail; $(guard_idle)cd $REMOTE_SRC; rm -f $RUN/train.pid $RUN/train.exit; \
@@ -283,7 +358,8 @@ parse_args() {
   esac
   shift
   parse_options "--dry-run --queued --spot --preemptible --foreground --no-check" "--name --zone --project \
---accelerator-type --version --create-arg --install-from --python-version --config --workdir --env --worker" "$@"
+--accelerator-type --version --create-arg --install-from --python-version --config --workdir --env --worker \
+--mount-bucket --gcsfuse-arg" "$@"
 }
 
 set_option() { # NAME VALUE, from parse_options (lib.sh)
@@ -306,6 +382,8 @@ set_option() { # NAME VALUE, from parse_options (lib.sh)
     --workdir) WORKDIR=$2 ;;
     --env) ENV_VARS+=("$2") ;;
     --worker) LOG_WORKER=$2 ;;
+    --mount-bucket) MOUNT_BUCKETS+=("$2") ;;
+    --gcsfuse-arg) GCSFUSE_ARGS+=("$2") ;;
   esac
 }
 
@@ -366,6 +444,11 @@ validate() {
         die "--config must live in configs/ when installing from '$INSTALL_FROM' (only configs/ is shipped)"
       fi
       check_train_args "is not needed on TPU: the workers of a slice find each other"
+      local b
+      for b in "${MOUNT_BUCKETS[@]}"; do
+        [[ $b =~ ^$BUCKET_PATTERN$ ]] || die "--mount-bucket '$b' is not a bucket name (no gs://, no path)"
+      done
+      data_buckets
       ;;
     *)
       if ((${#TRAIN_ARGS[@]})); then die "training arguments after '--' only go with train or all"; fi
@@ -377,7 +460,7 @@ main() {
   SUBCOMMAND="" NAME="" ZONE="" PROJECT="" ACCELERATOR="" VERSION="" INSTALL_FROM=local
   PYTHON_VERSION=3.11 CONFIG=configs/vitb.py WORKDIR="" LOG_WORKER=0
   DRY_RUN=0 NO_CHECK=0 QUEUED=0 SPOT=0 PREEMPTIBLE=0 FOREGROUND=0
-  CREATE_ARGS=() ENV_VARS=() TRAIN_ARGS=() SCOPE=()
+  CREATE_ARGS=() ENV_VARS=() TRAIN_ARGS=() SCOPE=() MOUNT_BUCKETS=() GCSFUSE_ARGS=() GCS_BUCKETS=()
   STAGE="" TEARDOWN=0
   parse_args "$@"
   validate

@@ -41,6 +41,7 @@ from mefem_jax import cli
 from mefem_jax.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_FINISHED, EXIT_PREEMPTED  # noqa: F401 - in README
 from mefem_jax.config import validate_config
 from mefem_jax.config_checks import ConfigError
+from mefem_jax.data import mixture
 from mefem_jax.data.pipeline import make_train_iterator
 from mefem_jax.evaluation.online_probe import probe_during_training
 from mefem_jax.models import vit
@@ -188,7 +189,7 @@ def _train_locked(config, workdir, is_lead: bool, allow_config_change: tuple[str
         writer.write(0, _probe(pieces, state, config))
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not is_lead)
     last: dict = {"step": start, "preempted": False}  # what a run that has nothing left to do reports
-    stats = DataStats(**(ckpt.read_counters(start) if start else {}))
+    stats = DataStats(mixture.source_names(config.data.train), ckpt.read_counters(start) if start else {})
     t_log, n_log, compile_s = time.perf_counter(), 0, None
     stall_s = 0.0  # seconds blocked in ckpt.save since the last metrics row
     try:
@@ -309,19 +310,26 @@ def _architecture_misfit(config) -> str:
 
 
 class DataStats:
-    """Running counts of what the input pipeline delivered and skipped (bad records never crash a run)."""
+    """Running counts of what the input pipeline delivered and skipped (bad records never crash a run), and
+    for a mixture what each source delivered (`data_decoded_<name>`, names from data/mixture.py)."""
 
-    def __init__(self, data_decoded: int = 0, data_skipped: int = 0):  # as_dict()'s keys: saved, restored
-        self.decoded = int(data_decoded)
-        self.skipped = int(data_skipped)
+    def __init__(self, source_names=(), saved: dict | None = None):  # saved: an earlier as_dict()
+        saved = saved or {}
+        self.decoded = int(saved.get("data_decoded", 0))
+        self.skipped = int(saved.get("data_skipped", 0))
+        self.keys = [f"data_decoded_{name}" for name in source_names]
+        self.by_source = [int(saved.get(key, 0)) for key in self.keys]
 
     def update(self, batch: dict) -> None:
         self.decoded += int(np.shape(batch["image"])[0])
         if "skipped" in batch:
             self.skipped += int(np.sum(batch["skipped"]))
+        if self.keys:
+            self.by_source = [n + int(k) for n, k in zip(self.by_source, batch["decoded_per_source"])]
 
     def as_dict(self) -> dict:
-        return {"data_decoded": self.decoded, "data_skipped": self.skipped}
+        return {"data_decoded": self.decoded, "data_skipped": self.skipped,
+                **dict(zip(self.keys, self.by_source))}
 
 
 class _QuietLibraries(logging_std.Filter):

@@ -5,7 +5,9 @@ Read in this order:
   manifest.py       the manifest.json that makes a shard folder a dataset
   csv_text.py       the labels CSV and its row-filter grammar (shared with evaluation and the builder)
   synthetic.py      procedurally drawn faces with known attributes (the default dataset)
+  gcs.py            gs://BUCKET/PATH is read where the launcher mounts it: /mnt/gcs/BUCKET/PATH
   sources.py        "synthetic" | shard folder | *.array_record glob | tfds:NAME -> Grain source
+  mixture.py        several sources by weight: `A:0.7;B:0.3` -> one shuffled, interleaved stream
   decode.py         bytes -> RGB, with JPEG draft decoding (simplejpeg when installed, else PIL)
   normalization.py  the ImageNet mean and std every encoder here expects
   augment.py        host side: random-resized crop, flip, centre square (eval: + normalisation)

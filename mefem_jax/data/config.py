@@ -1,6 +1,7 @@
 """The `data` section of a training config: its defaults and its start-up rules.
 
-Beside the data code, and importing none of it, so loading a config reads no pipeline (Grain, JAX).
+Beside the data code, and importing none of its pipeline (only the mixture grammar, plain Python), so loading
+a config reads no Grain or JAX.
 `pipeline.py` reads these keys; `device_augment.py` reads `augment_on`, `source_size` and the crop ranges.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mefem_jax import config_checks as checks
+from mefem_jax.data import mixture
 
 AUGMENT_ON = ("device", "host")  # where crop and flip run: in the jitted step, or in the host pipeline
 
@@ -16,7 +18,7 @@ AUGMENT_ON = ("device", "host")  # where crop and flip run: in the jitted step, 
 def default_data_config() -> ml_collections.ConfigDict:
     """The `data` block of a training config; every field can be set as --config.data.NAME."""
     c = ml_collections.ConfigDict()
-    c.train = "synthetic"                 # data spec, see sources.py
+    c.train = "synthetic"                 # data spec (sources.py), or a mixture 'A:0.7;B:0.3' (mixture.py)
     c.batch_size = 128                    # global batch; train.py passes it on
     c.seed = 0                            # shuffle / augmentation seed train.py passes on
     c.workers = 0                         # Grain worker processes per host (0: in-process)
@@ -38,8 +40,19 @@ def default_data_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _train_spec_ok(text) -> bool:
+    """A mixture's weights are checked at start-up; the grammar's own message names the bad item, which
+    says more than the generic 'allowed' line could."""
+    try:
+        mixture.parse(text)
+    except mixture.MixtureError as err:
+        raise checks.ConfigError(f"data.train: {err}; allowed: {mixture.GRAMMAR}") from None
+    return isinstance(text, str) and bool(text.strip())
+
+
 # Start-up checks of `data` (config_checks.check_section).
 DATA_RULES = (
+    checks.Rule(("train",), _train_spec_ok, mixture.GRAMMAR),
     checks.positive("batch_size", "read_threads", "read_buffer", "max_consecutive_failures"),
     checks.non_negative("workers", "prefetch"),
     checks.ordered_pair("crop_scale", 1e-6, 1),

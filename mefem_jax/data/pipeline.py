@@ -7,6 +7,10 @@ Training (`make_train_iterator`), per process:
     → this process's slice → drop undecodable records (counted) → batch(drop_remainder) as uint8
     → worker processes, each keeping `prefetch` batches ready
 
+A mixture (`data.train='A:0.7;B:0.3'`, mixture.py) runs the stages up to the decode once per source,
+each with its own seeds, tags every element with its source's index, and interleaves the sources with
+`grain.MapDataset.mix` in the given proportions before the slice; the rest is the same.
+
 Normalisation (and, with augment_on=device, the crop and flip) happen inside the jitted train step
 (`device_augment.py`): the host only decodes and resamples, and a batch crosses to the device as
 uint8, a quarter of the bytes of float32.
@@ -23,10 +27,11 @@ Each training batch is a dict of numpy arrays:
                                    image size (host) or data.source_size (device)
     decoded  int32 []              images in this batch (= b)
     skipped  int32 []              records dropped as undecodable while this batch was assembled
+    decoded_per_source int32 [k]   mixtures only: images of each of the k sources, in mixture order
     id       str [b]               only with data.return_ids (to audit what a run saw)
 
-Pop "decoded" / "skipped" (and "id") before putting the batch on devices; summed over steps they
-are the run's decoded/skipped counts, and decoded / wall-time is the pipeline's images/s.
+Pop "decoded" / "skipped" (and "decoded_per_source", "id") before putting the batch on devices;
+summed over steps they are the run's decoded/skipped counts, and decoded / wall-time is the pipeline's images/s.
 The iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()` (or Orbax with
 `grain.checkpoint.CheckpointSave`) resume it exactly, with or without worker processes;
 `close()` stops its workers.
@@ -45,7 +50,7 @@ from absl import logging
 from grain.multiprocessing import SharedMemoryArray
 
 from mefem_jax.data import augment, device_augment
-from mefem_jax.data import sources
+from mefem_jax.data import mixture, sources
 from mefem_jax.data.config import default_data_config
 
 
@@ -114,8 +119,9 @@ class _CollateTrain:
     (9.6 MB for 64 images at 224 px).
     """
 
-    def __init__(self, return_ids: bool):
+    def __init__(self, return_ids: bool, num_sources: int = 1):
         self.return_ids = return_ids
+        self.num_sources = num_sources  # > 1: a mixture, whose elements carry their source's index
         self._shared = False
 
     def enable_shared_memory_output(self) -> None:
@@ -132,30 +138,58 @@ class _CollateTrain:
             "decoded": np.int32(len(elements)),
             "skipped": np.int32(sum(e["skipped"] for e in elements)),
         }
+        if self.num_sources > 1:
+            batch["decoded_per_source"] = np.bincount(
+                [e["source"] for e in elements], minlength=self.num_sources).astype(np.int32)
         if self.return_ids:
             batch["id"] = np.array([e["id"] for e in elements])
         return batch
 
 
-def train_dataset(source, data_cfg: ml_collections.ConfigDict, *, image_size: int,
-                  local_batch_size: int, seed: int, process_index: int,
-                  process_count: int) -> grain.IterDataset:
-    """The training `IterDataset` for one process (see the module docstring for its stages)."""
-    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+class _TagSource(grain.transforms.Map):
+    """Marks a mixture's elements (failed ones too) with their source's index: the per-source counts."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def map(self, element: dict) -> dict:
+        return {**element, "source": self.index}
+
+
+def _source_stream(source, data_cfg: ml_collections.ConfigDict, image_size: int,
+                   seeds: np.random.SeedSequence) -> grain.MapDataset:
+    """One source shuffled, repeated (reshuffled every epoch) and decoded (+ the host crop)."""
+    shuffle_seed, augment_seed = (int(s) for s in seeds.generate_state(2))
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
     if data_cfg.augment_on == "host":
-        ds = ds.random_map(augment.TrainPreprocess(
+        return ds.random_map(augment.TrainPreprocess(
             image_size, scale=data_cfg.crop_scale, ratio=data_cfg.crop_ratio, flip=data_cfg.flip,
             keep_id=data_cfg.return_ids), seed=augment_seed)
-    else:  # the step crops and flips, from its own key
-        ds = ds.map(augment.SourcePreprocess(device_augment.input_size(data_cfg, image_size),
-                                             keep_id=data_cfg.return_ids))
+    # the step crops and flips, from its own key
+    return ds.map(augment.SourcePreprocess(device_augment.input_size(data_cfg, image_size),
+                                           keep_id=data_cfg.return_ids))
+
+
+def train_dataset(source, data_cfg: ml_collections.ConfigDict, *, image_size: int,
+                  local_batch_size: int, seed: int, process_index: int,
+                  process_count: int, weights: list[float] | None = None) -> grain.IterDataset:
+    """The training `IterDataset` for one process (see the module docstring for its stages).
+
+    `source` is one source, or with `weights` the list of a mixture's sources. Each of those is
+    shuffled on its own, from a child of `seed`: the sources draw independent orders and crops.
+    """
+    if weights is None:
+        ds = _source_stream(source, data_cfg, image_size, np.random.SeedSequence(seed))
+    else:
+        children = np.random.SeedSequence(seed).spawn(len(source))
+        ds = grain.MapDataset.mix([_source_stream(s, data_cfg, image_size, child).map(_TagSource(i))
+                                   for i, (s, child) in enumerate(zip(source, children))], weights)
     ds = ds[process_index::process_count]
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
                                               prefetch_buffer_size=data_cfg.read_buffer))
     it = _DropFailed(it, data_cfg.max_consecutive_failures)
     it = it.batch(local_batch_size, drop_remainder=True,
-                  batch_fn=_CollateTrain(data_cfg.return_ids))
+                  batch_fn=_CollateTrain(data_cfg.return_ids, len(weights or [None])))
     # Prefetch: the decode threads above already run `read_buffer` elements ahead of the
     # consumer, and with workers each one keeps `prefetch` finished batches queued. No extra
     # batch-prefetch thread: JAX dispatch is asynchronous, so the training loop's next() already
@@ -178,9 +212,9 @@ def _allow_flags_in_workers() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _train_source(data_cfg: ml_collections.ConfigDict, image_size: int):
+def _train_source(data_cfg: ml_collections.ConfigDict, image_size: int, spec: str):
     return sources.open_source(
-        data_cfg.train, split="train", synthetic_size=data_cfg.synthetic_size,
+        spec, split="train", synthetic_size=data_cfg.synthetic_size,
         synthetic_resolution=data_cfg.synthetic_resolution or image_size,
         seed=data_cfg.synthetic_seed, tfds_data_dir=data_cfg.tfds_data_dir)
 
@@ -192,17 +226,26 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, image_size: int,
 
     Each process gets `global_batch_size // process_count` images per batch, from a disjoint
     slice of the same shuffled stream. process_index / process_count default to JAX's.
+    `data_cfg.train` is one spec or a mixture of several (mixture.py).
     """
     process_index, process_count = _process_slice(process_index, process_count)
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} does not split over "
                          f"{process_count} processes")
-    source = _train_source(data_cfg, image_size)
-    logging.info("training data: %s (%d records), process %d of %d", source, len(source),
-                 process_index, process_count)
+    parts = mixture.parse(data_cfg.train)
+    if parts is None:
+        source, weights = _train_source(data_cfg, image_size, data_cfg.train), None
+        logging.info("training data: %s (%d records), process %d of %d", source, len(source),
+                     process_index, process_count)
+    else:
+        source = [_train_source(data_cfg, image_size, p.spec) for p in parts]
+        weights = [p.weight for p in parts]
+        logging.info("training data: a mixture of %s; process %d of %d", "; ".join(
+            f"{p.name} {p.weight:.1%} of {s} ({len(s)} records)" for p, s in zip(parts, source)),
+            process_index, process_count)
     ds = train_dataset(source, data_cfg, image_size=image_size,
                        local_batch_size=global_batch_size // process_count, seed=seed,
-                       process_index=process_index, process_count=process_count)
+                       process_index=process_index, process_count=process_count, weights=weights)
     return iter(ds)
 
 

@@ -8,6 +8,10 @@ A spec string names where faces come from:
     "tfds:NAME[:SPLIT]"               a TFDS dataset stored as ArrayRecord, read with
                                       `tfds.data_source` (no TensorFlow); NAME may carry a
                                       config and version, "name/config:1.0.0"
+    "gs://BUCKET/PATH"                a shard folder, glob or file on Cloud Storage, read through
+                                      its gcsfuse mount at /mnt/gcs/BUCKET/PATH (gcs.py)
+
+A mixture of specs (`A:0.7;B:0.3`, mixture.py) is opened part by part by the training pipeline.
 
 Every source yields the same raw example, so one preprocessing path serves them all:
 
@@ -15,6 +19,11 @@ Every source yields the same raw example, so one preprocessing path serves them 
 
 or, when the stored record itself cannot be read (a corrupted ArrayRecord chunk),
 `{"id": ..., "error": reason}` — the pipeline skips and counts it like an undecodable image.
+
+A gs:// spec is read on its mount as a local folder: the ArrayRecord reader needs POSIX paths, so the
+shard listing and the manifest are read there too, one view of the bucket through one cache (a second
+route through etils.epath would bypass the mount's cache and need Cloud Storage libraries and
+credentials of its own). Without the mount the spec is refused in one line saying how to mount it.
 
 Problems with the spec itself (a path that does not exist, a shard that is not an ArrayRecord
 file or disagrees with its manifest, an unknown TFDS dataset or split) are refused here, before
@@ -30,6 +39,7 @@ import re
 import grain
 import numpy as np
 
+from mefem_jax.data import gcs, mixture
 from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.data import records
 from mefem_jax.data.synthetic import SyntheticFaces
@@ -229,6 +239,10 @@ def open_source(spec: str, *, split: str = "train", synthetic_size: int = 4096,
     """The source a spec names (see the module docstring). `split` is the default split for
     synthetic and tfds specs that do not give one; shard folders hold one split each."""
     spec = spec.strip()
+    if mixture.is_mixture(spec):
+        raise ValueError(f"data spec {spec!r} is a mixture; only training data (data.train) can mix sources")
+    if gcs.is_gcs(spec):
+        spec = gcs.mounted_path(spec)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         part = spec.partition(":")[2] or split
         return SyntheticFaces(synthetic_size, synthetic_resolution, seed=seed, split=part)

@@ -20,7 +20,9 @@ change is therefore config.json with the later history lines undone, and each ch
 
 Data identity: a shard folder is its manifest's `fingerprint` (a rebuilt folder under the same path is
 other data; the same build moved elsewhere is not), any other spec (synthetic, tfds:NAME, a glob of
-shards) the spec's text.
+shards) the spec's text. A gs:// folder's manifest is read on its mount (data/gcs.py). A mixture is
+the list of its parts, in order, each a source's identity and its normalised weight: the same sources
+and weights are the same data wherever the folders now are; another source, weight or order is not.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from typing import Any, Sequence
 from etils import epath
 
 from mefem_jax.config_checks import ConfigError
+from mefem_jax.data import gcs, mixture
 from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.training.checkpoint import ABSENT_MEANS, check_compatible
 
@@ -102,23 +105,47 @@ def check_allowed_names(config, names: Sequence[str]) -> None:
         raise ConfigError(f"{ALLOW_FLAG} names {', '.join(unknown)}, which is not a config key or section")
 
 
-def data_identity(spec: str) -> dict:
-    """What names the training data: a shard folder's fingerprint, else the spec's text."""
-    spec = str(spec).strip()
-    if os.path.isfile(os.path.join(spec, manifest_lib.MANIFEST_NAME)):
-        return {"spec": spec, "fingerprint": manifest_lib.read_manifest(spec).get("fingerprint")}
+def _source_identity(spec: str) -> dict:
+    """A shard folder's fingerprint, else the spec's text."""
+    folder = gcs.local_path(spec)  # gs:// shards are read on their mount; its absence is refused elsewhere
+    if os.path.isfile(os.path.join(folder, manifest_lib.MANIFEST_NAME)):
+        return {"spec": spec, "fingerprint": manifest_lib.read_manifest(folder).get("fingerprint")}
     return {"spec": spec}
 
 
-def same_data(old: dict, new: dict) -> bool:
+def data_identity(spec: str) -> dict:
+    """What names the training data: a source's identity, or for a mixture its text and the identity
+    and normalised weight of each part."""
+    spec = str(spec).strip()
+    parts = mixture.parse(spec)
+    if parts is None:
+        return _source_identity(spec)
+    return {"spec": spec, "mixture": [dict(_source_identity(p.spec), weight=p.weight) for p in parts]}
+
+
+def _same_source(old: dict, new: dict) -> bool:
     if old.get("fingerprint") and new.get("fingerprint"):  # the same build, wherever the folder now is
         return old["fingerprint"] == new["fingerprint"]
     return old.get("spec") == new.get("spec")  # a checkpoint saved before identities were kept has its text
 
 
-def _describe_data(identity: dict) -> str:
+def same_data(old: dict, new: dict) -> bool:
+    if "mixture" not in old and "mixture" not in new:
+        return _same_source(old, new)
+    parts_old, parts_new = old.get("mixture", []), new.get("mixture", [])
+    return (len(parts_old) == len(parts_new) and
+            all(a["weight"] == b["weight"] and _same_source(a, b) for a, b in zip(parts_old, parts_new)))
+
+
+def _describe_source(identity: dict) -> str:
     fingerprint = identity.get("fingerprint")
     return f"{identity['spec']} (fingerprint {fingerprint[:12]})" if fingerprint else repr(identity["spec"])
+
+
+def _describe_data(identity: dict) -> str:
+    if "mixture" not in identity:
+        return _describe_source(identity)
+    return "the mixture " + "; ".join(f"{_describe_source(p)} x{p['weight']:.4g}" for p in identity["mixture"])
 
 
 @dataclass(frozen=True)
