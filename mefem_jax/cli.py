@@ -3,7 +3,7 @@
 Schedulers read the status: 0 finished, 1 failed, 2 bad input (flags, config, data, weights, workdir
 contents), 3 preempted after saving (train). `--debug` keeps the traceback instead of the line.
 
-All six commands (`train`, `evaluate`, `export`, `compile_check`, `viz` and `data.build_shards`) go
+All seven commands (`train`, `evaluate`, `export`, `compile_check`, `viz`, `data.build_shards`, `data.leakage`) go
 through `run` (or, for the builder, which keeps its own flags, `guarded`), so the line always reads
 `PROG: what is wrong` and the status always follows `exit_status`.
 """

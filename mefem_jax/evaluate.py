@@ -15,6 +15,9 @@ sample=, label filters).
 --targets (see targets.py): age:regression,gender:classification,time,event:survival, or
 anthropometry: a regression probe per facial proportion of `build_shards --landmark_labels`.
 --pairs: a verification pairs file (see verification.py), scored on --pairs_data (default --test).
+--exclude_leaked: the pretraining data (shard or image folders, comma-separated; data/leakage.py); test
+images with a near-duplicate in it (face_hash.py) are left out of the test split, counted in the log and
+report.json ("leakage").
 
 For every target and each feature set (CLS token, mean-pooled patches, patch tokens pooled to a
 --grid_size grid, and a raw-pixel baseline) a probe is fitted on train with its penalty chosen by
@@ -36,6 +39,7 @@ removes the --out folder it created if nothing was written into it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -43,9 +47,10 @@ from pathlib import Path
 import numpy as np
 
 from mefem_jax import cli
+from mefem_jax.data import face_hash
 from mefem_jax.evaluation import rankme
 from mefem_jax.evaluation import report as eval_report
-from mefem_jax.evaluation.data import open_eval_data
+from mefem_jax.evaluation.data import open_eval_data, spec_hashes, split_specs
 from mefem_jax.evaluation.embeddings import (FEATURES, GRID_SIZE, PIXEL_SIZE, cached_embeddings,
                                              default_cache_dir)
 from mefem_jax.evaluation.probes import blas_threads
@@ -72,9 +77,10 @@ logger = logging.getLogger(__name__)
 
 
 def _embed(model, spec: str, split: str, batch_size: int, cache_dir, pixel_size: int, grid_size: int,
-           report: dict, targets: list[Target] = ()):
+           report: dict, targets: list[Target] = (), exclude: frozenset[str] = frozenset()):
     # The pairs are scored on a test set: synthetic / tfds sources default to their test split.
-    data = open_eval_data(spec, model.image_size, batch_size, default_split="train" if split == "train" else "test")
+    data = open_eval_data(spec, model.image_size, batch_size, default_split="train" if split == "train" else "test",
+                          exclude=exclude)
     if data.table is not None:  # a CSV's columns are known before embedding: fail fast
         check_columns(list(targets), data.table.columns, split)
     t0 = time.perf_counter()
@@ -94,10 +100,11 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
                    which: str = "target", batch_size: int = 64, cache_dir: str | Path | None = "default",
                    pixel_size: int = PIXEL_SIZE, features: tuple[str, ...] = FEATURES,
                    dtype: str = "float32", seed: int = 0, probe_threads: int | None = 1,
-                   grid_size: int = GRID_SIZE) -> dict:
+                   grid_size: int = GRID_SIZE, exclude_leaked: str | None = None) -> dict:
     """Everything the CLI does; returns the report dict (also written to `out`).
     `cache_dir="default"` uses `embeddings.default_cache_dir()`; None disables the cache.
-    `probe_threads`: BLAS threads for the probe fits (see `probes.blas_threads`; None: default)."""
+    `probe_threads`: BLAS threads for the probe fits (see `probes.blas_threads`; None: default).
+    `exclude_leaked`: the pretraining data; test images with a near-duplicate in it are left out."""
     t_start = time.perf_counter()
     out = Path(out)
     if not features:
@@ -116,6 +123,9 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
     if pairs and not (pairs_data or test):
         raise UsageError("--pairs needs --pairs_data (or --test) naming the images the pairs refer to")
     pairs_parsed = read_pairs(pairs) if pairs else None  # a malformed file fails before any embedding
+    if exclude_leaked and not parsed:
+        raise UsageError("--exclude_leaked leaves leaked images out of the test split: it needs --targets")
+    leakage = _leakage(test, exclude_leaked) if exclude_leaked and parsed else None  # before --out exists
     cache_dir = default_cache_dir() if cache_dir == "default" else cache_dir
 
     loaded = load_encoder(model, which=which, dtype=dtype)
@@ -126,10 +136,13 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
                   "config": loaded.model_cfg.to_dict(), "width": width, "depth": depth, "heads": heads},
         "pixel_size": pixel_size, "grid_size": grid_size, "data": {}, "probes": [], "verification": [],
         "plots": [], "health": {}, "warnings": []}
+    if leakage is not None:
+        report["leakage"] = leakage
     with _out_folder(out):
         if parsed:
             emb_train = _embed(loaded, train, "train", batch_size, cache_dir, pixel_size, grid_size, report, parsed)
-            emb_test = _embed(loaded, test, "test", batch_size, cache_dir, pixel_size, grid_size, report, parsed)
+            emb_test = _embed(loaded, test, "test", batch_size, cache_dir, pixel_size, grid_size, report, parsed,
+                              exclude=frozenset(leakage["ids"]) if leakage else frozenset())
             report["health"] = rankme.health(emb_test.features, emb_test.tokens)
             report["warnings"] += rankme.low_rank_warnings(report["health"])
             check_columns(parsed, list(emb_train.labels), "train")
@@ -151,6 +164,16 @@ def run_evaluation(model: str, out: str | Path, train: str | None = None, test: 
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     eval_report.write_report(out, report)
     return report
+
+
+def _leakage(test: str, pretrain: str) -> dict:
+    """The test images with a near-duplicate in the pretraining data (report.json's "leakage")."""
+    found = face_hash.leaks(spec_hashes(test), [spec_hashes(spec) for spec in split_specs(pretrain)])
+    ids = sorted({leak.eval_id for leak in found})
+    logger.info("test: leaving out %d image(s) with a near-duplicate in the pretraining data %s (distance <= %d)",
+                len(ids), pretrain, face_hash.NEAR_DISTANCE)
+    return {"pretrain": pretrain, "max_distance": face_hash.NEAR_DISTANCE, "excluded": len(ids), "ids": ids,
+            "pairs": [dataclasses.asdict(leak) for leak in found]}
 
 
 @contextlib.contextmanager
@@ -233,7 +256,8 @@ def main(argv) -> None:
         model=f.model, out=f.out, train=f.train, test=f.test, targets=f.targets, pairs=f.pairs,
         pairs_data=f.pairs_data, which=f.which, batch_size=f.batch_size,
         cache_dir=f.cache_dir or None, pixel_size=f.pixel_size, features=tuple(f.features),
-        dtype=f.dtype, seed=f.seed, probe_threads=f.probe_threads or None, grid_size=f.grid_size)
+        dtype=f.dtype, seed=f.seed, probe_threads=f.probe_threads or None, grid_size=f.grid_size,
+        exclude_leaked=f.exclude_leaked)
     print(eval_report.markdown_report(report))
     print(f"wrote {Path(f.out) / 'report.json'} and report.md")
 
@@ -261,6 +285,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the forward pass.")
     flags.DEFINE_integer("seed", 0, "Seed of the cross-validation folds.")
     flags.DEFINE_integer("probe_threads", 1, "BLAS threads for the probe fits; 0 = the library default.")
+    flags.DEFINE_string("exclude_leaked", None, "The pretraining data (shard or image folders, comma-separated): "
+                        "test images with a near-duplicate in it are left out and counted (data/leakage.py).")
     flags.mark_flags_as_required(["model", "out"])
 
 

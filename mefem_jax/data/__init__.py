@@ -8,6 +8,8 @@ Read in this order:
   gcs.py            gs://BUCKET/PATH is read where the launcher mounts it: /mnt/gcs/BUCKET/PATH
   sources.py        "synthetic" | shard folder | *.array_record glob | tfds:NAME -> Grain source
   mixture.py        several sources by weight: `A:0.7;B:0.3` -> one shuffled, interleaved stream
+  face_hash.py      exact (pixel SHA-256) and near (registered DCT) hashes of a face; duplicate matching
+  leakage.py        command: evaluation faces with a near-duplicate in the pretraining data
   decode.py         bytes -> RGB, with JPEG draft decoding (simplejpeg when installed, else PIL)
   normalization.py  the ImageNet mean and std every encoder here expects
   augment.py        host side: random-resized crop, flip, centre square (eval: + normalisation)

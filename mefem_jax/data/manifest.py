@@ -10,6 +10,11 @@ folder with a manifest is complete and one without is not a dataset yet. Fields:
     label_schema         {column: "int" | "float" | "str"}, the labels stored in every record
     skipped              [{"file": str, "reason": str}, …], every CSV row or image not written
     unlisted_images      image files in the folder that the labels CSV does not mention
+    duplicates           --dedup: {"mode": "exact" | "near" | "off", and unless off: "removed", "exact",
+                         "near" (counts), "max_distance" (near only), "groups": [{"kept": file,
+                         "removed": [{"file", "distance", "kind"}, …]}, …]} (kind: exact, near, mirror;
+                         distance: bits of the perceptual hash, face_hash.py). Builds made before
+                         issue 24 have no such section, and their records no fingerprints.
     options, source      how the build was made (sizes, filters, input paths)
     fingerprint          hash of the inputs and options; a re-run with the same one is a no-op
 

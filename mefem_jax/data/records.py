@@ -5,7 +5,10 @@ A record is
     b"MFR1" | uint32 little-endian header length | UTF-8 JSON header | image bytes
 
 where the header is `{"id": str, "labels": {name: value}}` and the image bytes are the file as
-stored (JPEG or PNG). JSON keeps the labels readable with nothing but the standard library
+stored (JPEG or PNG). Builds since issue 24 add `"hash"`: the image's fingerprints (`face_hash.py`:
+an exact hash of its pixels and perceptual hashes of the face), so duplicate and leakage checks read
+them instead of decoding every image again. Readers ignore header keys they do not know, so shards
+with and without it read alike. JSON keeps the labels readable with nothing but the standard library
 (`python -c` on a shard is enough to inspect one), and putting the image last lets the reader
 slice it out without copying the header through a parser that does not need it.
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 MAGIC = b"MFR1"
 _HEADER_LEN = struct.Struct("<I")
@@ -30,14 +33,42 @@ class RecordError(ValueError):
     """A record's bytes are not a face record (wrong magic, cut short, bad header)."""
 
 
-def encode_record(record_id: str, labels: dict[str, Any], image: bytes) -> bytes:
-    header = json.dumps({"id": record_id, "labels": labels}, ensure_ascii=False,
-                        allow_nan=False, separators=(",", ":")).encode("utf-8")
-    return MAGIC + _HEADER_LEN.pack(len(header)) + header + image
+def encode_record(record_id: str, labels: dict[str, Any], image: bytes,
+                  hashes: dict[str, str] | None = None) -> bytes:
+    header = {"id": record_id, "labels": labels}
+    if hashes is not None:
+        header["hash"] = hashes
+    text = json.dumps(header, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return MAGIC + _HEADER_LEN.pack(len(text)) + text + image
 
 
 def decode_record(data: bytes) -> tuple[str, dict[str, Any], bytes]:
     """Inverse of `encode_record`: (id, labels, image bytes)."""
+    header, start = _split(data)
+    return header["id"], header["labels"], bytes(data[start:])
+
+
+def decode_header(data: bytes) -> dict[str, Any]:
+    """The record's header alone: {"id", "labels"} and, in builds that store it, "hash"."""
+    return _split(data)[0]
+
+
+def read_shard(path: str, block: int = 256) -> Iterator[bytes]:
+    """The records of one shard file, in order, read `block` at a time."""
+    # Imported here so that importing this module does not load the C++ extension.
+    from array_record.python import array_record_module
+
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+        count = reader.num_records()
+        for begin in range(0, count, block):
+            yield from reader.read(begin, min(count, begin + block))
+    finally:
+        reader.close()
+
+
+def _split(data: bytes) -> tuple[dict[str, Any], int]:
+    """(header, offset of the image bytes), or RecordError."""
     start = len(MAGIC) + _HEADER_LEN.size
     if len(data) < start or data[:len(MAGIC)] != MAGIC:
         raise RecordError(f"not a face record (starts with {bytes(data[:8])!r})")
@@ -46,10 +77,10 @@ def decode_record(data: bytes) -> tuple[str, dict[str, Any], bytes]:
         raise RecordError(f"record cut short: header of {header_len} bytes, record of {len(data)}")
     try:
         header = json.loads(bytes(data[start:start + header_len]).decode("utf-8"))
-        record_id, labels = header["id"], header["labels"]
+        header["id"], header["labels"]  # noqa: B018 - both must be there
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise RecordError(f"unreadable record header: {err}") from err
-    return record_id, labels, bytes(data[start + header_len:])
+    return header, start + header_len
 
 
 def cast_label(text: str, kind: str) -> int | float | str:

@@ -27,10 +27,16 @@ Folder + CSV sources are read here; each image gets the shard pipeline's eval pr
 shards written from it embed identically. Every other source goes through
 `mefem_jax.data.pipeline.make_eval_iterator`. Unreadable or missing images are skipped and
 counted, never fatal. Every batch is a dict: "image" float32 [b, H, W, 3], "id" [b] str, and one
-[b] array per label column (strings here; the caller converts the targets it uses).
+[b] array per label column (strings here; the caller converts the targets it uses). `exclude` drops
+ids from every pass (`evaluate --exclude_leaked`: the test images also in the pretraining data).
+
+For the leakage check (`python -m mefem_jax.data.leakage`, `evaluate --exclude_leaked`), `spec_hashes`
+gives the fingerprints (`data/face_hash.py`) of the images a spec names, under the ids evaluation gives
+them, and `split_specs` reads a comma-separated list of specs whose options hold commas too.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,7 +45,8 @@ from typing import Iterator
 
 import numpy as np
 
-from mefem_jax.data import csv_text
+from mefem_jax.data import csv_text, face_hash
+from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.spec_options import SpecError, split_options
 
 ID_COLUMNS = ("file", "filename", "image", "path")
@@ -92,6 +99,22 @@ def parse_data_spec(text: str) -> DataSpec:
     if not text.strip():
         raise DataSpecError("empty data spec")
     return DataSpec(*split_options(text, DataSpecError))
+
+
+def split_specs(text: str) -> list[str]:
+    """'A:split=train,limit=5,B,C:split=test' -> ['A:split=train,limit=5', 'B', 'C:split=test']. A piece
+    that is a bare key=value (no ':' or '/' before its '=') continues a spec that has options already;
+    any other piece starts a new spec."""
+    specs: list[str] = []
+    for piece in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, _ = piece.partition("=")
+        if specs and eq and not set(key) & {":", "/"} and split_options(specs[-1], DataSpecError)[1]:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    if not specs:
+        raise DataSpecError(f"no data spec in {text!r}")
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +236,13 @@ class EvalData:
     default_split: str = "test"
     table: FolderTable | None = None
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> ids, of the last pass
+    exclude: frozenset[str] = frozenset()                        # ids left out of every pass
 
     def identity(self) -> dict:
         """What the images are: for cache keys (a changed CSV or shard invalidates them)."""
         ident: dict = {"spec": str(self.spec), "image_size": self.image_size}
+        if self.exclude:
+            ident["exclude"] = hashlib.sha256("\n".join(sorted(self.exclude)).encode()).hexdigest()
         paths = [self.table.csv_path] if self.table else [Path(self.spec.source)]
         for p in paths:
             if p.exists():
@@ -228,6 +254,15 @@ class EvalData:
         return ident
 
     def batches(self) -> Iterator[dict]:
+        for batch in self._all_batches():
+            if self.exclude:  # ids are unique (read_folder_table checks a CSV's), so this drops whole images
+                keep = ~np.isin(batch["id"], list(self.exclude))
+                if not keep.any():
+                    continue
+                batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
+            yield batch
+
+    def _all_batches(self) -> Iterator[dict]:
         if self.table is not None:
             self.table.skipped = self.skipped = {}
             yield from iterate_folder(self.table, self.image_size, self.batch_size)
@@ -238,18 +273,23 @@ class EvalData:
 
 
 def open_eval_data(spec: str | DataSpec, image_size: int, batch_size: int,
-                   default_split: str = "test") -> EvalData:
-    """`default_split`: the split of synthetic / tfds sources whose spec names none."""
+                   default_split: str = "test", exclude: frozenset[str] = frozenset()) -> EvalData:
+    """`default_split`: the split of synthetic / tfds sources whose spec names none; `exclude`: ids to
+    leave out."""
     spec = parse_data_spec(spec) if isinstance(spec, str) else spec
     if folder_csv_path(spec) is not None:
-        return EvalData(spec, image_size, batch_size, table=read_folder_table(spec))
-    unknown = [k for k in ("csv", "images", "id", "sample") if k in dict(spec.options)]
-    if unknown:
-        raise DataSpecError(f"{spec}: options {unknown} apply only to an image folder with a labels CSV")
+        return EvalData(spec, image_size, batch_size, table=read_folder_table(spec), exclude=exclude)
+    _check_no_folder_options(spec)
     if not (_has_named_splits(spec.source) or os.path.exists(spec.source)):
         raise DataSpecError(f"data spec {str(spec)!r}: {spec.source} is neither an image folder with "
                             "labels.csv, a CSV file, a shard folder, 'synthetic' nor tfds:NAME")
-    return EvalData(spec, image_size, batch_size, default_split=default_split)
+    return EvalData(spec, image_size, batch_size, default_split=default_split, exclude=exclude)
+
+
+def _check_no_folder_options(spec: DataSpec) -> None:
+    unknown = [k for k in ("csv", "images", "id", "sample") if k in dict(spec.options)]
+    if unknown:
+        raise DataSpecError(f"{spec}: options {unknown} apply only to an image folder with a labels CSV")
 
 
 def _has_named_splits(source: str) -> bool:
@@ -292,3 +332,41 @@ def _pipeline_batches(spec: DataSpec, image_size: int, batch_size: int, default_
     for record_id, reason in getattr(iterator, "skipped", []):
         skipped.setdefault(reason, []).append(record_id)
 
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints, for the leakage check
+# ---------------------------------------------------------------------------------------------
+def spec_hashes(spec: str | DataSpec) -> face_hash.HashTable:
+    """The fingerprints of the images a spec names, under the ids evaluation gives them: a folder with a
+    labels CSV or a CSV (the rows its options select; files hashed here), a shard folder (fingerprints
+    read from its records, or computed for builds that predate them; label filters and limit apply), or
+    an image folder without a CSV (every image under it, ids relative to it). Synthetic and TFDS data
+    hold no photos to compare and are refused."""
+    from mefem_jax.data.shards.plan import list_images  # the builder's listing: only folders without a CSV
+
+    spec = parse_data_spec(spec) if isinstance(spec, str) else spec
+    if folder_csv_path(spec) is not None:
+        table = read_folder_table(spec)
+        return face_hash.hash_files(str(spec), str(table.image_dir), [r[table.id_column] for r in table.rows])
+    source = Path(spec.source)
+    if (source / manifest_lib.MANIFEST_NAME).is_file():
+        _check_no_folder_options(spec)
+        clauses = spec.clauses
+        labels = manifest_lib.read_manifest(str(source))["label_schema"]
+        unknown = [c.column for c in clauses if c.column not in labels]
+        if unknown:
+            raise DataSpecError(f"{spec}: filter on unknown label {unknown[0]!r}; labels are {sorted(labels)}")
+        hashes = face_hash.read_shard_folder(
+            str(source), lambda row: all(c.holds({k: str(v) for k, v in row.items()}) for c in clauses),
+            spec.limit)
+        hashes.name = str(spec)
+        return hashes
+    if source.is_dir() and not spec.options:
+        files = list_images(str(source))
+        if not files:
+            raise DataSpecError(f"{spec}: no images, labels.csv or manifest.json in {source}")
+        return face_hash.hash_files(str(spec), str(source), files)
+    if source.is_dir():
+        raise DataSpecError(f"{spec}: options need a labels CSV (labels.csv) or a shard folder")
+    raise DataSpecError(f"data spec {str(spec)!r}: only photos can be compared: give an image folder (with or "
+                        "without labels.csv), a labels CSV, or a shard folder")

@@ -22,7 +22,8 @@ def corpus_build(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     corpus = make_corpus(str(root), faces)
     opts = build_shards.BuildOptions(images=corpus.images, labels=corpus.labels,
-                                     out=str(root / "shards"), num_shards=3, workers=1)
+                                     out=str(root / "shards"), num_shards=3, workers=1,
+                                     dedup="off")  # face.png and rgba.png are pixel copies of good_000.jpg
     return corpus, opts, build_shards.build(opts)
 
 

@@ -20,6 +20,12 @@ other CSV column as a typed label. What is written:
   skipped with the reason (no face found, several faces with --faces=skip, a poor landmark fit
   with --poor_fit=skip, a face too small for the framing). The landmark model was trained on
   iBUG 300-W: non-commercial research use only.
+* Duplicates within the build (--dedup, default exact) go: `exact`, images whose decoded pixels are
+  identical; `near`, faces within --dedup_distance bits of each other's perceptual hash, mirror
+  images included (face_hash.py); `off` keeps every image. The first in CSV (or file) order is kept.
+  Every record stores its fingerprints (records.py), whatever --dedup, for the leakage check
+  (`python -m mefem_jax.data.leakage`). The manifest's `duplicates` lists each kept photo with its
+  removed twins; the counts are in the last log line.
 * Skipped, each listed in the manifest's `skipped` with the reason: unreadable or truncated
   files, dangling or looping symbolic links, non-images, images under --min_side (a 1x1 pixel
   says nothing about a face), CSV rows whose file is missing, duplicated, or whose numeric label
@@ -36,6 +42,10 @@ files in OUT/.build/; finished shards whose inputs did not change are kept, the 
 rewritten (each shard goes to a temporary file renamed into place only when complete), so no
 half-written shard is ever under a final name. One builder per folder at a time: a second one,
 or a rerun while the workers of a killed build still run, is refused naming the holder (writer.py).
+
+Duplicates are found once every shard is written (each worker returns its records' fingerprints),
+and only the shards holding one are rewritten, copying their other records as they are: a build
+without duplicates costs no second pass. Shards then hold slightly different record counts.
 
 Shards are built in parallel over --workers processes; each shard is written by one process, which
 dies with the builder (kill -9 included: on Linux the kernel kills it, elsewhere it polls its parent).
@@ -58,6 +68,7 @@ import time
 
 from mefem_jax import cli
 from mefem_jax.data import csv_text
+from mefem_jax.data import face_hash
 from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.data import records
 from mefem_jax.data.shards import face_align
@@ -65,7 +76,8 @@ from mefem_jax.data.shards import face_landmarks
 from mefem_jax.data.shards import face_proportions
 from mefem_jax.data.shards.plan import BuildOptions, Row, plan_rows
 from mefem_jax.data.shards.writer import (STATUS_DIR, SharedFd, ShardJob, check_out_folder, die_with_parent,
-                                         mark_build, out_lock, remove_stale, reusable, write_shard)
+                                         mark_build, out_lock, remove_records, remove_stale, reusable,
+                                         write_shard)
 
 log = logging.getLogger("build_shards")
 
@@ -132,6 +144,7 @@ def build(opts: BuildOptions) -> dict:
             log.info("wrote %s: %d records, %d skipped", status["file"], status["num_records"],
                      len(status["skipped"]))
 
+        duplicates = _remove_duplicates(opts, files, statuses)
         shards = [{"file": f, "num_records": statuses[f]["num_records"]} for f in files]
         for f in files:
             skipped.extend(statuses[f]["skipped"])
@@ -143,7 +156,7 @@ def build(opts: BuildOptions) -> dict:
             "format": manifest_lib.FORMAT, "version": manifest_lib.VERSION, "name": opts.name,
             "num_records": sum(s["num_records"] for s in shards), "shards": shards,
             "label_schema": schema, "skipped": skipped, "unlisted_images": unlisted,
-            "options": content["options"],
+            "duplicates": duplicates, "options": content["options"],
             "source": {"images": os.path.abspath(opts.images),
                        "labels": opts.labels and os.path.abspath(opts.labels)},
             "fingerprint": fingerprint,
@@ -155,14 +168,48 @@ def build(opts: BuildOptions) -> dict:
         # The last write of the build: the lock file goes with the status files (see writer.out_lock).
         log.info("removing %s: status files of this finished build", os.path.join(opts.out, STATUS_DIR))
         shutil.rmtree(os.path.join(opts.out, STATUS_DIR), ignore_errors=True)
-        log.info("done in %.1fs: %d records in %d shards, %d skipped → %s", time.time() - start,
-                 manifest["num_records"], num_shards, len(skipped), manifest_path)
+        log.info("done in %.1fs: %d records in %d shards, %d skipped, %s → %s", time.time() - start,
+                 manifest["num_records"], num_shards, len(skipped), _duplicates_summary(duplicates),
+                 manifest_path)
         return written
+
+
+def _remove_duplicates(opts: BuildOptions, files: list[str], statuses: dict[str, dict]) -> dict:
+    """Finds the duplicates of the whole build from the shards' fingerprints, rewrites the shards that hold
+    them (`statuses` is updated), and returns the manifest's `duplicates` section."""
+    if opts.dedup == "off":
+        return {"mode": "off"}
+    table = face_hash.HashTable(opts.out)
+    for f in files:  # shard order is plan order: the first copy of a photo is kept
+        for file, stored in statuses[f]["hashes"].items():
+            table.add(file, face_hash.FaceHash.from_record(stored))
+    found = face_hash.find_duplicates(table, opts.dedup, opts.dedup_distance)
+    gone = {table.ids[k] for k in found}
+    for f in files:
+        drop = gone & set(statuses[f]["hashes"])
+        if drop - set(statuses[f].get("removed", [])):  # a rerun finds the shards it compacted already done
+            statuses[f] = remove_records(opts, statuses[f], drop)
+            log.info("rewrote %s without %d duplicates", f, len(drop))
+    groups: dict[int, list[dict]] = {}
+    for k, m in sorted(found.items()):
+        groups.setdefault(m.found, []).append({"file": table.ids[k], "distance": m.distance, "kind": m.kind})
+    exact = sum(m.kind == "exact" for m in found.values())
+    section = {"mode": opts.dedup, "removed": len(found), "exact": exact, "near": len(found) - exact}
+    if opts.dedup == "near":
+        section["max_distance"] = opts.dedup_distance
+    section["groups"] = [{"kept": table.ids[k], "removed": twins} for k, twins in sorted(groups.items())]
+    return section
+
+
+def _duplicates_summary(section: dict) -> str:
+    if section["mode"] == "off":
+        return "duplicates kept (--dedup=off)"
+    return f"{section['removed']} duplicates removed ({section['exact']} exact, {section['near']} near)"
 
 
 def _face_sections(opts: BuildOptions, rows: list[Row], schema: dict, statuses: list[dict]) -> dict:
     """The manifest's `faces` (and `landmark_labels`) sections; writes OUT/landmark_labels.csv."""
-    found = sum(s["num_records"] for s in statuses)
+    found = sum(s["num_records"] + len(s.get("removed", ())) for s in statuses)  # duplicates had a face too
     faces = {
         "landmark_model": face_landmarks.LICENCE,
         "aligned": opts.align, "framing": face_align.Framing(opts.align_size).describe() if opts.align else None,
@@ -177,8 +224,10 @@ def _face_sections(opts: BuildOptions, rows: list[Row], schema: dict, statuses: 
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(columns)
         for s in statuses:
+            removed = set(s.get("removed", ()))  # duplicates: not in the shards, so not in their CSV
             for file, labels in s.get("face_labels", {}).items():
-                writer.writerow([file] + [labels.get(c, "") for c in schema])
+                if file not in removed:
+                    writer.writerow([file] + [labels.get(c, "") for c in schema])
         tmp = os.path.join(opts.out, f"{LANDMARK_CSV}.tmp.{os.getpid()}")
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text.getvalue())
@@ -248,6 +297,13 @@ def _define_flags(fv) -> None:
     flags.DEFINE_bool("landmark_labels", False, "Add facial proportions (face_proportions.py) as labels and "
                       f"write OUT/{LANDMARK_CSV}. Needs the landmarks extra; its 68-point model is for "
                       "NON-COMMERCIAL use only (trained on iBUG 300-W).", flag_values=fv)
+    flags.DEFINE_enum("dedup", "exact", list(face_hash.DEDUP_MODES), "Duplicates within the build: exact "
+                      "(identical pixels), near (perceptual hash within --dedup_distance, mirror images "
+                      "included) or off; the first copy is kept, the others listed in the manifest.",
+                      flag_values=fv)
+    flags.DEFINE_integer("dedup_distance", face_hash.NEAR_DISTANCE, "Hamming distance (of 63 bits) up to which "
+                         "--dedup=near counts two faces as one photo (face_hash.py).", lower_bound=0,
+                         upper_bound=63, flag_values=fv)
     flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.", flag_values=fv)
 
 
@@ -281,7 +337,8 @@ def options_from_flags(fv) -> BuildOptions:
         filters=filters,
         label_columns=tuple(c.strip() for c in fv.label_columns.split(",")) if fv.label_columns else None,
         label_types=label_types, overwrite=fv.overwrite, align=fv.align, align_size=fv.align_size,
-        faces=fv.faces, poor_fit=fv.poor_fit, landmark_labels=fv.landmark_labels)
+        faces=fv.faces, poor_fit=fv.poor_fit, landmark_labels=fv.landmark_labels, dedup=fv.dedup,
+        dedup_distance=fv.dedup_distance)
 
 
 def parse_args(argv: list[str]) -> BuildOptions:

@@ -2,7 +2,9 @@
 
 JPEG and PNG files go in byte for byte; an image is re-encoded (JPEG, --jpeg_quality) only when it
 must change: downscaled, turned by its EXIF orientation, in another format, or aligned
-(`shard_faces`). With --align or --landmark_labels the face step runs on the decoded photo.
+(`shard_faces`). With --align or --landmark_labels the face step runs on the decoded photo. Every
+prepared image carries the fingerprints of what the record stores (`face_hash`), for --dedup and the
+leakage check: of the photo already decoded when the bytes are kept, else of the new bytes decoded.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import io
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mefem_jax.data import decode
+from mefem_jax.data import decode, face_hash
 from mefem_jax.data.shards.plan import BuildOptions
 
 _KEPT_FORMATS = ("JPEG", "PNG")
@@ -25,8 +27,16 @@ class SkipImage(Exception):
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     image: bytes                       # what the record stores
+    hash: face_hash.FaceHash           # its fingerprints
     labels: dict = dataclasses.field(default_factory=dict)  # labels the face step adds
     faces_found: int = 0               # faces detected (face step only)
+
+
+def _stored(image: bytes, decoded: Image.Image | None = None, labels: dict | None = None,
+            faces_found: int = 0) -> Prepared:
+    """`decoded`: the image already decoded from exactly these bytes, which spares decoding them again."""
+    fingerprints = face_hash.hash_bytes(image) if decoded is None else face_hash.hash_image(decoded)
+    return Prepared(image, fingerprints, labels or {}, faces_found)
 
 
 def _target_size(width: int, height: int, opts: BuildOptions) -> tuple[int, int] | None:
@@ -75,7 +85,7 @@ def prepare(path: str, opts: BuildOptions) -> Prepared:
         raise SkipImage(f"truncated or corrupt {fmt or 'image'}: {err}") from None
     unchanged = target is None and orientation in (None, 1) and fmt in _KEPT_FORMATS
     if unchanged and not opts.uses_faces:
-        return Prepared(data)
+        return _stored(data, image)
     if orientation not in (None, 1):
         image = ImageOps.exif_transpose(image)
         if target and orientation in (5, 6, 7, 8):  # quarter turns swap width and height
@@ -91,6 +101,8 @@ def prepare(path: str, opts: BuildOptions) -> Prepared:
         except faces.NoUsableFace as err:
             raise SkipImage(str(err)) from None
         if aligned is not None:
-            return Prepared(_encode(aligned, opts.jpeg_quality), labels, found)
-        return Prepared(data if unchanged else _encode(rgb, opts.jpeg_quality), labels, found)
-    return Prepared(_encode(rgb, opts.jpeg_quality))
+            return _stored(_encode(aligned, opts.jpeg_quality), None, labels, found)
+        if unchanged:
+            return _stored(data, image, labels, found)
+        return _stored(_encode(rgb, opts.jpeg_quality), None, labels, found)
+    return _stored(_encode(rgb, opts.jpeg_quality))

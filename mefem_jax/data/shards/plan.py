@@ -10,6 +10,7 @@ import errno
 import os
 
 from mefem_jax.data import csv_text
+from mefem_jax.data import face_hash
 from mefem_jax.data import records
 from mefem_jax.data.shards import face_proportions
 
@@ -38,19 +39,27 @@ class BuildOptions:
     faces: str = "largest"         # several faces in a photo: face_align.FACE_POLICIES
     poor_fit: str = "skip"         # implausible landmarks: face_align.FIT_POLICIES
     landmark_labels: bool = False  # add face_proportions.NAMES as float labels
+    dedup: str = "exact"           # duplicates within the build: face_hash.DEDUP_MODES
+    dedup_distance: int = face_hash.NEAR_DISTANCE  # the Hamming distance of dedup="near"
 
     @property
     def uses_faces(self) -> bool:
         return self.align or self.landmark_labels
 
     def content_options(self) -> dict:
-        """The options that change what is written (not where, nor how fast). The face options
-        only when used, so builds without them keep the fingerprints they always had."""
+        """The options that change what is written (not where, nor how fast). The face and dedup options
+        only when used, so builds without them keep the fingerprints they always had: --dedup=off writes
+        the images of such a build (its records add their hashes, which training never reads)."""
         keys = ["name", "image_size", "max_side", "min_side", "jpeg_quality", "file_column",
                 "filters", "label_columns", "label_types"]
         if self.uses_faces:
             keys += ["align", "align_size", "faces", "poor_fit", "landmark_labels"]
-        return {k: getattr(self, k) for k in keys}
+        options = {k: getattr(self, k) for k in keys}
+        if self.dedup != "off":  # another hash (face_hash.HASH_VERSION) may find other duplicates
+            options.update(dedup=self.dedup, hash_version=face_hash.HASH_VERSION)
+            if self.dedup == "near":
+                options["dedup_distance"] = self.dedup_distance
+        return options
 
     def clauses(self) -> tuple[csv_text.Clause, ...]:
         return tuple(csv_text.clause(c, v) for c, v in self.filters)

@@ -14,6 +14,7 @@ outlive it, though: each worker dies with the builder (`die_with_parent`).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import glob
@@ -55,16 +56,27 @@ def status_path(opts: BuildOptions, file: str) -> str:
     return os.path.join(opts.out, STATUS_DIR, file + ".json")
 
 
-def write_shard(job: ShardJob) -> dict:
-    """Writes one shard; returns its status: counts, skipped files, and with the face step the
-    files where several faces were found and each record's landmark labels."""
-    from array_record.python import array_record_module
+@contextlib.contextmanager
+def _shard_writer(final: str):
+    """An ArrayRecord writer on a temporary file, renamed to `final` only once it is complete."""
+    from array_record.python import array_record_module  # the C++ extension: only in the processes that write
 
-    final = os.path.join(job.opts.out, job.file)
     tmp = f"{final}.tmp.{os.getpid()}"
-    skipped, several, face_labels, count = [], [], {}, 0
     writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
     try:
+        yield writer
+    finally:
+        writer.close()
+    os.replace(tmp, final)
+
+
+def write_shard(job: ShardJob) -> dict:
+    """Writes one shard; returns its status: counts, skipped files, every record's fingerprints (for
+    --dedup, which needs them all), and with the face step the files where several faces were found
+    and each record's landmark labels."""
+    final = os.path.join(job.opts.out, job.file)
+    skipped, several, face_labels, hashes, count = [], [], {}, {}, 0
+    with _shard_writer(final) as writer:
         for row in job.rows:
             try:
                 prepared = prepare(row.path, job.opts)
@@ -75,20 +87,36 @@ def write_shard(job: ShardJob) -> dict:
                 skipped.append({"file": row.file, "reason": f"cannot read: {err}"})
                 continue
             labels = {**dict(row.labels), **prepared.labels}
-            writer.write(records.encode_record(row.file, labels, prepared.image))
+            hashes[row.file] = prepared.hash.to_record()
+            writer.write(records.encode_record(row.file, labels, prepared.image, hashes[row.file]))
             count += 1
             if prepared.faces_found > 1:
                 several.append(row.file)
             if prepared.labels:
                 face_labels[row.file] = labels
-    finally:
-        writer.close()
-    os.replace(tmp, final)
     status = {"fingerprint": job.fingerprint, "file": job.file, "num_records": count,
-              "bytes": os.path.getsize(final), "skipped": skipped}
+              "bytes": os.path.getsize(final), "skipped": skipped, "hashes": hashes}
     if job.opts.uses_faces:
         status.update(several_faces=several, face_labels=face_labels)
     manifest_lib.write_json_atomic(status_path(job.opts, job.file), status)
+    return status
+
+
+def remove_records(opts: BuildOptions, status: dict, drop: set[str]) -> dict:
+    """Rewrites a finished shard without the records whose ids are in `drop` (duplicates, found once every
+    shard was written) and returns its new status, which lists them under "removed". Records are copied
+    as they are, nothing is decoded. Interrupted, the shard's size no longer matches its status, so a
+    rerun writes it again from its images."""
+    final = os.path.join(opts.out, status["file"])
+    count = 0
+    with _shard_writer(final) as writer:
+        for data in records.read_shard(final):
+            if records.decode_header(data)["id"] not in drop:
+                writer.write(data)
+                count += 1
+    status = {**status, "num_records": count, "bytes": os.path.getsize(final),
+              "removed": sorted(set(status.get("removed", [])) | drop)}
+    manifest_lib.write_json_atomic(status_path(opts, status["file"]), status)
     return status
 
 
