@@ -20,6 +20,7 @@ import pytest
 from helpers.faces import UTKFACE, utkface_rows, write_labels
 
 from helpers.repo import REPO
+from mefem_jax import workdir_lock
 from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.data.shards import build as build_shards
 from mefem_jax.data.shards import writer
@@ -134,8 +135,11 @@ def test_a_folder_another_build_holds_is_refused_and_left_alone(tmp_path):
     assert theirs.read_bytes() == b"a shard another live build is writing"
 
 
-def test_workers_hold_the_builders_lock_until_they_exit(tmp_path):
+def test_workers_hold_the_builders_lock_until_they_exit(tmp_path, monkeypatch):
     """Leftover workers of a dead builder keep the folder locked: a rerun is refused while they run."""
+    # The builder emptied the lock file when it let go, so the rerun waits for a holder to name itself
+    # before refusing; a short wait keeps the test fast (workdir_lock's own tests cover the wait).
+    monkeypatch.setattr(workdir_lock, "HOLDER_WAIT_S", 0.2)
     opts = options("", tmp_path, workers=2)
     writer.mark_build(opts)
     lock = writer.out_lock(opts).__enter__()
