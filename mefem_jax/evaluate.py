@@ -54,17 +54,8 @@ from mefem_jax.evaluation.data import open_eval_data, spec_hashes, split_specs
 from mefem_jax.evaluation.embeddings import (FEATURES, GRID_SIZE, PIXEL_SIZE, cached_embeddings,
                                              default_cache_dir)
 from mefem_jax.evaluation.probes import blas_threads
-from mefem_jax.evaluation.targets import (
-    Target,
-    check_columns,
-    parse_targets,
-    probe_target,
-)
-from mefem_jax.evaluation.verification import (
-    cosine_scores,
-    read_pairs,
-    verification_metrics,
-)
+from mefem_jax.evaluation.targets import Target, check_columns, parse_targets, probe_target
+from mefem_jax.evaluation.verification import cosine_scores, read_pairs, verification_metrics
 from mefem_jax.models.vit import encoder_dims
 from mefem_jax.weights.encoders import load_encoder
 

@@ -104,7 +104,6 @@ def parse(text: str) -> tuple[Part, ...] | None:
                  for (spec, w), name in zip(pairs, names([s for s, _ in pairs])))
 
 
-
 def source_names(text: str) -> list[str]:
     """The counter names of a mixture's sources, in order; [] for a plain spec (its counts are the run's)."""
     parts = parse(text)

@@ -18,16 +18,6 @@ TINY_RUN = {
 TINY_SPEC = "random:vitti@64:width=64,depth=2,heads=2"
 
 
-def set_dotted(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        section = config
-        for p in parents:
-            section = section[p]
-        section[leaf] = value
-    return config
-
-
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
     """`configs/vits.py:smoke` with TINY_RUN, then `overrides` given with dotted keys, e.g.
     `tiny_config(**{"mask.strategy": "quadrant", "total_steps": 20})`; unlocked."""
@@ -35,7 +25,8 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
     config = vits.get_config("smoke")
     config.unlock()
-    return set_dotted(config, {**TINY_RUN, **overrides})
+    config.update_from_flattened_dict({**TINY_RUN, **overrides})
+    return config
 
 
 def as_flags(overrides: dict) -> list[str]:
