@@ -4,10 +4,12 @@
                                [--format=safetensors,pth] [--overwrite]
     python -m mefem_jax.export --checkpoint=WORKDIR/checkpoints/N --out=FOLDER
     python -m mefem_jax.export --checkpoint=MeFEm-S.pth.tar|model.safetensors|FOLDER[:heads=H] --out=FOLDER
+    python -m mefem_jax.export --workdir=FINETUNE_WORKDIR --out=FOLDER [--head|--nohead]
 
 The weights are read through `weights/encoders.py` (a run through `weights/runs.py`) and the folder
 (model.safetensors, config.json, a README model card, optionally model.pth.tar) is written by
-`weights/release.py`, which documents the format.
+`weights/release.py`, which documents the format. A fine-tune workdir (one with best/best.json) exports
+its best encoder with the linear head, as the classifier folder of `weights/classifier.py`.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import json
 from pathlib import Path
 
 from mefem_jax import cli
+from mefem_jax.weights.classifier import export_classifier_folder, finetune_card, finetuned_workdir, load_finetuned
 from mefem_jax.weights.encoders import load_encoder
-from mefem_jax.weights.release import (EXPORT_FORMATS, export_folder, out_folder_refusal, timm_architecture,
-                                       training_card)
+from mefem_jax.weights.release import EXPORT_FORMATS, export_folder, out_folder_refusal, training_card
 from mefem_jax.weights.runs import load_run_encoder
 
 
@@ -39,6 +41,9 @@ def _define_flags() -> None:
                       f"Files to write, from {list(EXPORT_FORMATS)}: model.safetensors is always written, "
                       "'pth' adds MeFEm's model.pth.tar.")
     flags.DEFINE_bool("overwrite", False, "Replace the files of an earlier export in --out.")
+    flags.DEFINE_bool("head", None, "A fine-tune workdir (best/best.json) exports its encoder with the linear "
+                      "head (the default there); --head refuses any other source, --nohead exports the "
+                      "fine-tuned encoder alone.")
 
 
 def _load(source: str, which: str, step: int | None, from_run: bool):
@@ -84,13 +89,25 @@ def main(argv) -> None:
         raise FileExistsError(refusal)
     if FLAGS.workdir is not None and not Path(FLAGS.workdir).is_dir() and "://" not in FLAGS.workdir:
         raise FileNotFoundError(f"--workdir {FLAGS.workdir} does not exist")
-    params, model_cfg, card = _load(FLAGS.workdir or FLAGS.checkpoint, FLAGS.which, FLAGS.step,
-                                    from_run=FLAGS.workdir is not None)
-    export_folder(params, model_cfg, out, formats=formats, card=card)
+    source = FLAGS.workdir or FLAGS.checkpoint
+    finetuned = finetuned_workdir(source, require=bool(FLAGS.head))
+    if finetuned is None:
+        params, model_cfg, card = _load(source, FLAGS.which, FLAGS.step, from_run=FLAGS.workdir is not None)
+        export_folder(params, model_cfg, out, formats=formats, card=card)
+    else:
+        if FLAGS.step is not None or FLAGS["which"].present:
+            raise app.UsageError("--step and --which do not apply to a fine-tune workdir: it exports best/")
+        params, model_cfg, readout, outputs, best = load_finetuned(finetuned)
+        card = finetune_card(best, finetuned)
+        if FLAGS.head is False:
+            export_folder(params["encoder"], model_cfg, out, formats=formats, card=card)
+        else:
+            export_classifier_folder(params, model_cfg, readout, outputs, out, card=card, formats=formats)
     if "pth" not in formats and (out / "model.pth.tar").exists():
         (out / "model.pth.tar").unlink()  # an earlier export's, no longer matching model.safetensors
-    name, args = timm_architecture(model_cfg)
-    print(json.dumps({"out": str(out), "architecture": name, "model_args": args,
+    config = json.loads((out / "config.json").read_text())
+    print(json.dumps({"out": str(out), "architecture": config["architecture"],
+                      "model_args": config.get("model_args", {}), "num_classes": config["num_classes"],
                       "files": sorted(p.name for p in out.iterdir())}))
 
 
