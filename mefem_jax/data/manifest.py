@@ -15,6 +15,13 @@ folder with a manifest is complete and one without is not a dataset yet. Fields:
                          "removed": [{"file", "distance", "kind"}, …]}, …]} (kind: exact, near, mirror;
                          distance: bits of the perceptual hash, face_hash.py). Builds made before
                          issue 24 have no such section, and their records no fingerprints.
+    quality              {"limits": {flag: threshold} of the filters that were on (min_face_px, min_sharpness,
+                         max_yaw, max_pitch; {} for none), "version": shards/quality.py's VERSION, "removed":
+                         count, "by_reason": {measure: count} (each face counted under the first limit it
+                         failed, in that order), "rejected": [{"file", "reason" (face_px, sharpness, yaw,
+                         pitch), "value" (measured), "limit", "measures": every measure of the face}, …]}.
+                         Every record stores its measures (a "quality" header key, records.py). Builds made
+                         before have no such section.
     options, source      how the build was made (sizes, filters, input paths)
     fingerprint          hash of the inputs and options; a re-run with the same one is a no-op
 

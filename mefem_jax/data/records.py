@@ -7,8 +7,9 @@ A record is
 where the header is `{"id": str, "labels": {name: value}}` and the image bytes are the file as
 stored (JPEG or PNG). Builds since issue 24 add `"hash"`: the image's fingerprints (`face_hash.py`:
 an exact hash of its pixels and perceptual hashes of the face), so duplicate and leakage checks read
-them instead of decoding every image again. Readers ignore header keys they do not know, so shards
-with and without it read alike. JSON keeps the labels readable with nothing but the standard library
+them instead of decoding every image again, and `"quality"`: its face's measures (size, sharpness,
+head pose; `shards/quality.py`), for the same reason. Readers ignore header keys they do not know, so
+shards with and without them read alike. JSON keeps the labels readable with nothing but the standard library
 (`python -c` on a shard is enough to inspect one), and putting the image last lets the reader
 slice it out without copying the header through a parser that does not need it.
 
@@ -34,10 +35,12 @@ class RecordError(ValueError):
 
 
 def encode_record(record_id: str, labels: dict[str, Any], image: bytes,
-                  hashes: dict[str, str] | None = None) -> bytes:
+                  hashes: dict[str, str] | None = None, quality: dict[str, float] | None = None) -> bytes:
     header = {"id": record_id, "labels": labels}
     if hashes is not None:
         header["hash"] = hashes
+    if quality is not None:
+        header["quality"] = quality
     text = json.dumps(header, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
     return MAGIC + _HEADER_LEN.pack(len(text)) + text + image
 
@@ -49,7 +52,7 @@ def decode_record(data: bytes) -> tuple[str, dict[str, Any], bytes]:
 
 
 def decode_header(data: bytes) -> dict[str, Any]:
-    """The record's header alone: {"id", "labels"} and, in builds that store it, "hash"."""
+    """The record's header alone: {"id", "labels"} and, in builds that store them, "hash" and "quality"."""
     return _split(data)[0]
 
 

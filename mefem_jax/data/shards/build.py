@@ -2,7 +2,8 @@
 
     python -m mefem_jax.data.build_shards --images=../shared/data/utkface/images \
         --labels=../shared/data/utkface/labels.csv --split=train --out=/data/utk_train \
-        [--num_shards=16] [--image_size=S] [--workers=W] [--align] [--landmark_labels]
+        [--num_shards=16] [--image_size=S] [--workers=W] [--align] [--landmark_labels] \
+        [--min_face_px=N] [--min_sharpness=V] [--max_yaw=DEG] [--max_pitch=DEG]
 
 One record per face (see `records.py`): the image bytes, an id (the CSV's file name) and every
 other CSV column as a typed label. What is written:
@@ -26,6 +27,12 @@ other CSV column as a typed label. What is written:
   Every record stores its fingerprints (records.py), whatever --dedup, for the leakage check
   (`python -m mefem_jax.data.leakage`). The manifest's `duplicates` lists each kept photo with its
   removed twins; the counts are in the last log line.
+* Faces outside the quality limits go (quality.py; each limit 0, the default, is off): --min_face_px
+  (the landmarks' box, else the image's shorter side), --min_sharpness (the variance of the Laplacian of
+  the grey face at 128 px) and, with landmarks only (--align or --landmark_labels; refused without),
+  --max_yaw and --max_pitch (degrees, estimated from the landmarks). Every record stores its measures,
+  whatever the limits. The manifest's `quality` lists each rejected face with the first limit it failed
+  and the value measured (and all its measures); the counts per limit are in the last log line.
 * Skipped, each listed in the manifest's `skipped` with the reason: unreadable or truncated
   files, dangling or looping symbolic links, non-images, images under --min_side (a 1x1 pixel
   says nothing about a face), CSV rows whose file is missing, duplicated, or whose numeric label
@@ -50,8 +57,9 @@ without duplicates costs no second pass. Shards then hold slightly different rec
 Shards are built in parallel over --workers processes; each shard is written by one process, which
 dies with the builder (kill -9 included: on Linux the kernel kills it, elsewhere it polls its parent).
 The modules of `data/shards/`: plan (options, which files), image (one image), faces (the face
-step), writer (one shard, the folder's safety), this one (the build and its command line); the
-command's name, `mefem_jax.data.build_shards`, is a two-line module that calls `main` here.
+step), quality (the measures of a face), writer (one shard, the folder's safety), this one (the build
+and its command line); the command's name, `mefem_jax.data.build_shards`, is a two-line module that
+calls `main` here.
 """
 from __future__ import annotations
 
@@ -74,6 +82,7 @@ from mefem_jax.data import records
 from mefem_jax.data.shards import face_align
 from mefem_jax.data.shards import face_landmarks
 from mefem_jax.data.shards import face_proportions
+from mefem_jax.data.shards import quality
 from mefem_jax.data.shards.plan import BuildOptions, Row, plan_rows
 from mefem_jax.data.shards.writer import (STATUS_DIR, SharedFd, ShardJob, check_out_folder, die_with_parent,
                                          mark_build, out_lock, remove_records, remove_stale, reusable,
@@ -91,6 +100,10 @@ def _fingerprint(payload) -> str:
 def build(opts: BuildOptions) -> dict:
     """Builds (or completes, or confirms) the shard folder `opts.out`; returns its manifest."""
     start = time.time()
+    angles = [f"--{flag}" for flag in quality.ANGLE_LIMITS if flag in opts.quality_limits()]
+    if angles and not opts.uses_faces:  # before any work: there are no landmarks to measure them from
+        raise ValueError(f"{' and '.join(angles)} {'need' if len(angles) > 1 else 'needs'} the face's landmarks: "
+                         "add --align (or --landmark_labels for faces already aligned)")
     if opts.uses_faces:
         face_landmarks.check_available()  # before any work: one line naming the install command
     rows, skipped, schema, unlisted = plan_rows(opts)
@@ -146,17 +159,19 @@ def build(opts: BuildOptions) -> dict:
 
         duplicates = _remove_duplicates(opts, files, statuses)
         shards = [{"file": f, "num_records": statuses[f]["num_records"]} for f in files]
+        rejected = []
         for f in files:
             skipped.extend(statuses[f]["skipped"])
+            rejected.extend(statuses[f].get("rejected", []))  # status files of older builds have none
         if not any(s["num_records"] for s in shards):
             # A 0-record dataset would only fail later, in training, far from its cause; no manifest.
-            raise ValueError(f"nothing usable in {opts.images}: all {len(skipped)} inputs were skipped, "
-                             f"e.g. {skipped[0]['file']}: {skipped[0]['reason']}")
+            raise ValueError(_nothing_usable(opts, skipped, rejected))
+        quality_section = _quality_section(opts, rejected)
         manifest = {
             "format": manifest_lib.FORMAT, "version": manifest_lib.VERSION, "name": opts.name,
             "num_records": sum(s["num_records"] for s in shards), "shards": shards,
             "label_schema": schema, "skipped": skipped, "unlisted_images": unlisted,
-            "duplicates": duplicates, "options": content["options"],
+            "duplicates": duplicates, "quality": quality_section, "options": content["options"],
             "source": {"images": os.path.abspath(opts.images),
                        "labels": opts.labels and os.path.abspath(opts.labels)},
             "fingerprint": fingerprint,
@@ -168,9 +183,9 @@ def build(opts: BuildOptions) -> dict:
         # The last write of the build: the lock file goes with the status files (see writer.out_lock).
         log.info("removing %s: status files of this finished build", os.path.join(opts.out, STATUS_DIR))
         shutil.rmtree(os.path.join(opts.out, STATUS_DIR), ignore_errors=True)
-        log.info("done in %.1fs: %d records in %d shards, %d skipped, %s → %s", time.time() - start,
+        log.info("done in %.1fs: %d records in %d shards, %d skipped, %s%s → %s", time.time() - start,
                  manifest["num_records"], num_shards, len(skipped), _duplicates_summary(duplicates),
-                 manifest_path)
+                 _quality_summary(quality_section), manifest_path)
         return written
 
 
@@ -207,9 +222,36 @@ def _duplicates_summary(section: dict) -> str:
     return f"{section['removed']} duplicates removed ({section['exact']} exact, {section['near']} near)"
 
 
+def _nothing_usable(opts: BuildOptions, skipped: list[dict], rejected: list[dict]) -> str:
+    if not rejected:
+        return (f"nothing usable in {opts.images}: all {len(skipped)} inputs were skipped, "
+                f"e.g. {skipped[0]['file']}: {skipped[0]['reason']}")
+    first = rejected[0]
+    return (f"nothing usable in {opts.images}: {len(skipped)} inputs skipped and {len(rejected)} faces outside "
+            f"the quality limits, e.g. {first['file']}: {first['reason']} {first['value']} "
+            f"(limit {first['limit']})")
+
+
+def _quality_section(opts: BuildOptions, rejected: list[dict]) -> dict:
+    """The manifest's `quality`: the limits that were on, the faces they rejected, counted per measure."""
+    counts = {name: 0 for flag, name, _ in quality.LIMITS if flag in opts.quality_limits()}
+    for r in rejected:
+        counts[r["reason"]] += 1
+    return {"limits": opts.quality_limits(), "version": quality.VERSION, "removed": len(rejected),
+            "by_reason": counts, "rejected": rejected}
+
+
+def _quality_summary(section: dict) -> str:
+    if not section["limits"]:
+        return ""
+    counts = ", ".join(f"{name} {n}" for name, n in section["by_reason"].items())
+    return f", {section['removed']} faces outside the quality limits ({counts})"
+
+
 def _face_sections(opts: BuildOptions, rows: list[Row], schema: dict, statuses: list[dict]) -> dict:
     """The manifest's `faces` (and `landmark_labels`) sections; writes OUT/landmark_labels.csv."""
-    found = sum(s["num_records"] + len(s.get("removed", ())) for s in statuses)  # duplicates had a face too
+    # Duplicates and faces outside the quality limits had a face too: this counts detections.
+    found = sum(s["num_records"] + len(s.get("removed", ())) + len(s.get("rejected", ())) for s in statuses)
     faces = {
         "landmark_model": face_landmarks.LICENCE,
         "aligned": opts.align, "framing": face_align.Framing(opts.align_size).describe() if opts.align else None,
@@ -304,6 +346,21 @@ def _define_flags(fv) -> None:
     flags.DEFINE_integer("dedup_distance", face_hash.NEAR_DISTANCE, "Hamming distance (of 63 bits) up to which "
                          "--dedup=near counts two faces as one photo (face_hash.py).", lower_bound=0,
                          upper_bound=63, flag_values=fv)
+
+    def limit(name, help_):
+        flags.DEFINE_float(name, 0.0, help_ + " 0: off. The rejected faces are listed in the manifest's "
+                           "`quality` with the value measured (quality.py).", lower_bound=0.0, flag_values=fv)
+
+    limit("min_face_px", "Drop faces smaller than this, in pixels of the photo: the side of the landmarks' "
+                         "box with --align or --landmark_labels (~170 on a 200 px UTKFace crop), else the "
+                         "image's shorter side.")
+    limit("min_sharpness", "Drop faces less sharp than this: the variance of the 3x3 Laplacian of the grey "
+                           "face resampled to 128 px (UTKFace: median 54, 5th percentile 13 on the landmarks' "
+                           "box; 80 and 15 on the whole crop).")
+    limit("max_yaw", "Drop faces turned sideways by more than this many degrees, estimated from the "
+                     "landmarks: needs --align or --landmark_labels.")
+    limit("max_pitch", "Drop faces nodding up or down by more than this many degrees, estimated from the "
+                       "landmarks: needs --align or --landmark_labels.")
     flags.DEFINE_bool("debug", False, "On an error, show the traceback instead of one line.", flag_values=fv)
 
 
@@ -338,7 +395,8 @@ def options_from_flags(fv) -> BuildOptions:
         label_columns=tuple(c.strip() for c in fv.label_columns.split(",")) if fv.label_columns else None,
         label_types=label_types, overwrite=fv.overwrite, align=fv.align, align_size=fv.align_size,
         faces=fv.faces, poor_fit=fv.poor_fit, landmark_labels=fv.landmark_labels, dedup=fv.dedup,
-        dedup_distance=fv.dedup_distance)
+        dedup_distance=fv.dedup_distance, min_face_px=fv.min_face_px, min_sharpness=fv.min_sharpness,
+        max_yaw=fv.max_yaw, max_pitch=fv.max_pitch)
 
 
 def parse_args(argv: list[str]) -> BuildOptions:

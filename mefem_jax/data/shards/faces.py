@@ -6,6 +6,8 @@ only (face_landmarks.LICENCE); the manifest of every build that used it says so.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
 
@@ -15,6 +17,14 @@ from mefem_jax.data.shards.plan import BuildOptions
 
 class NoUsableFace(Exception):
     """No face to keep in this photo; the message is the reason for the manifest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FoundFace:
+    aligned: Image.Image | None   # the aligned crop (--align), else None: the photo is stored
+    labels: dict                  # the proportion labels (--landmark_labels), else {}
+    faces_found: int              # faces detected in the photo
+    points: np.ndarray            # [68, 2] landmarks in the photo's pixels
 
 
 def _refit(finder: face_landmarks.FaceFinder, aligned: Image.Image, face, framing) -> np.ndarray:
@@ -35,9 +45,8 @@ def _refit(finder: face_landmarks.FaceFinder, aligned: Image.Image, face, framin
     return np.stack([c * d[:, 0] - s * d[:, 1], s * d[:, 0] + c * d[:, 1]], -1) + mid
 
 
-def face_step(photo: Image.Image, opts: BuildOptions) -> tuple[Image.Image | None, dict, int]:
-    """(aligned crop or None without --align, proportion labels ({} without --landmark_labels),
-    number of faces found); NoUsableFace when the photo is to be skipped."""
+def face_step(photo: Image.Image, opts: BuildOptions) -> FoundFace:
+    """The face to store from `photo`, or NoUsableFace when the photo is to be skipped."""
     finder = face_landmarks.finder()
     faces = finder.find(np.asarray(photo))
     face, reason = face_align.choose_face(faces, opts.faces)
@@ -56,4 +65,4 @@ def face_step(photo: Image.Image, opts: BuildOptions) -> tuple[Image.Image | Non
         except ValueError as err:  # too small for the framing
             raise NoUsableFace(str(err)) from None
     labels = face_proportions.proportions(points) if opts.landmark_labels else {}
-    return aligned, labels, len(faces)
+    return FoundFace(aligned, labels, len(faces), points)

@@ -2,18 +2,23 @@
 
 JPEG and PNG files go in byte for byte; an image is re-encoded (JPEG, --jpeg_quality) only when it
 must change: downscaled, turned by its EXIF orientation, in another format, or aligned
-(`shard_faces`). With --align or --landmark_labels the face step runs on the decoded photo. Every
+(`faces.py`). With --align or --landmark_labels the face step runs on the decoded photo. Every
 prepared image carries the fingerprints of what the record stores (`face_hash`), for --dedup and the
-leakage check: of the photo already decoded when the bytes are kept, else of the new bytes decoded.
+leakage check: of the photo already decoded when the bytes are kept, else of the new bytes decoded;
+and the face's quality measures (`quality.py`: size, sharpness, with landmarks the head's turn), for
+the quality filters: of the photo the landmarks were fitted on, else of the pixels stored (before a JPEG
+re-encode, which barely changes them).
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mefem_jax.data import decode, face_hash
+from mefem_jax.data.shards import quality
 from mefem_jax.data.shards.plan import BuildOptions
 
 _KEPT_FORMATS = ("JPEG", "PNG")
@@ -28,15 +33,24 @@ class SkipImage(Exception):
 class Prepared:
     image: bytes                       # what the record stores
     hash: face_hash.FaceHash           # its fingerprints
+    quality: dict                      # its face's measures (quality.measure)
     labels: dict = dataclasses.field(default_factory=dict)  # labels the face step adds
     faces_found: int = 0               # faces detected (face step only)
 
 
-def _stored(image: bytes, decoded: Image.Image | None = None, labels: dict | None = None,
-            faces_found: int = 0) -> Prepared:
-    """`decoded`: the image already decoded from exactly these bytes, which spares decoding them again."""
+def _stored(image: bytes, measures: dict, decoded: Image.Image | None = None, face=None) -> Prepared:
+    """`decoded`: the image decoded from exactly these bytes, which spares decoding them again for the
+    fingerprints; `face`: the face step's faces.FoundFace."""
     fingerprints = face_hash.hash_bytes(image) if decoded is None else face_hash.hash_image(decoded)
-    return Prepared(image, fingerprints, labels or {}, faces_found)
+    if face is None:
+        return Prepared(image, fingerprints, measures)
+    return Prepared(image, fingerprints, measures, face.labels, face.faces_found)
+
+
+def _measures(photo: Image.Image, face=None) -> dict:
+    """quality.measure of a decoded photo, with the landmarks of the face step's faces.FoundFace if any."""
+    gray = np.asarray(decode.to_rgb(photo).convert("L"))
+    return quality.measure(gray, None if face is None else face.points)
 
 
 def _target_size(width: int, height: int, opts: BuildOptions) -> tuple[int, int] | None:
@@ -85,7 +99,7 @@ def prepare(path: str, opts: BuildOptions) -> Prepared:
         raise SkipImage(f"truncated or corrupt {fmt or 'image'}: {err}") from None
     unchanged = target is None and orientation in (None, 1) and fmt in _KEPT_FORMATS
     if unchanged and not opts.uses_faces:
-        return _stored(data, image)
+        return _stored(data, _measures(image), image)
     if orientation not in (None, 1):
         image = ImageOps.exif_transpose(image)
         if target and orientation in (5, 6, 7, 8):  # quarter turns swap width and height
@@ -97,12 +111,13 @@ def prepare(path: str, opts: BuildOptions) -> Prepared:
         from mefem_jax.data.shards import faces  # dlib: only for builds that use faces
 
         try:
-            aligned, labels, found = faces.face_step(rgb, opts)
+            face = faces.face_step(rgb, opts)
         except faces.NoUsableFace as err:
             raise SkipImage(str(err)) from None
-        if aligned is not None:
-            return _stored(_encode(aligned, opts.jpeg_quality), None, labels, found)
+        measures = _measures(rgb, face)
+        if face.aligned is not None:
+            return _stored(_encode(face.aligned, opts.jpeg_quality), measures, face=face)
         if unchanged:
-            return _stored(data, image, labels, found)
-        return _stored(_encode(rgb, opts.jpeg_quality), None, labels, found)
-    return _stored(_encode(rgb, opts.jpeg_quality))
+            return _stored(data, measures, image, face)
+        return _stored(_encode(rgb, opts.jpeg_quality), measures, face=face)
+    return _stored(_encode(rgb, opts.jpeg_quality), _measures(rgb))

@@ -13,6 +13,7 @@ from mefem_jax.data import csv_text
 from mefem_jax.data import face_hash
 from mefem_jax.data import records
 from mefem_jax.data.shards import face_proportions
+from mefem_jax.data.shards import quality
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -41,15 +42,24 @@ class BuildOptions:
     landmark_labels: bool = False  # add face_proportions.NAMES as float labels
     dedup: str = "exact"           # duplicates within the build: face_hash.DEDUP_MODES
     dedup_distance: int = face_hash.NEAR_DISTANCE  # the Hamming distance of dedup="near"
+    min_face_px: float = 0.0       # quality filters (quality.py), each 0 for off: the face's size,
+    min_sharpness: float = 0.0     # the variance of its Laplacian,
+    max_yaw: float = 0.0           # and, with landmarks, the head's turn and nod in degrees
+    max_pitch: float = 0.0
 
     @property
     def uses_faces(self) -> bool:
         return self.align or self.landmark_labels
 
+    def quality_limits(self) -> dict[str, float]:
+        """{flag: threshold} of the quality filters that are on (quality.LIMITS' flags)."""
+        return {flag: getattr(self, flag) for flag, _, _ in quality.LIMITS if getattr(self, flag) > 0}
+
     def content_options(self) -> dict:
         """The options that change what is written (not where, nor how fast). The face and dedup options
         only when used, so builds without them keep the fingerprints they always had: --dedup=off writes
-        the images of such a build (its records add their hashes, which training never reads)."""
+        the images of such a build (its records add their hashes and quality measures, which training
+        never reads); the quality limits likewise."""
         keys = ["name", "image_size", "max_side", "min_side", "jpeg_quality", "file_column",
                 "filters", "label_columns", "label_types"]
         if self.uses_faces:
@@ -59,6 +69,8 @@ class BuildOptions:
             options.update(dedup=self.dedup, hash_version=face_hash.HASH_VERSION)
             if self.dedup == "near":
                 options["dedup_distance"] = self.dedup_distance
+        if self.quality_limits():  # another quality.VERSION may keep other faces
+            options.update(quality=self.quality_limits(), quality_version=quality.VERSION)
         return options
 
     def clauses(self) -> tuple[csv_text.Clause, ...]:

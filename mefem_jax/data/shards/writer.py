@@ -28,6 +28,7 @@ import time
 
 from mefem_jax.data import manifest as manifest_lib
 from mefem_jax.data import records
+from mefem_jax.data.shards import quality
 from mefem_jax.data.shards.image import SkipImage, prepare
 from mefem_jax.data.shards.plan import BuildOptions, Row
 from mefem_jax.workdir_lock import LOCK_NAME, WorkdirLock
@@ -71,11 +72,12 @@ def _shard_writer(final: str):
 
 
 def write_shard(job: ShardJob) -> dict:
-    """Writes one shard; returns its status: counts, skipped files, every record's fingerprints (for
-    --dedup, which needs them all), and with the face step the files where several faces were found
-    and each record's landmark labels."""
+    """Writes one shard; returns its status: counts, skipped files, the faces the quality limits
+    rejected (with the failed measure), every record's fingerprints (for --dedup, which needs them all),
+    and with the face step the files where several faces were found and each record's landmark labels."""
     final = os.path.join(job.opts.out, job.file)
-    skipped, several, face_labels, hashes, count = [], [], {}, {}, 0
+    skipped, rejected, several, face_labels, hashes, count = [], [], [], {}, {}, 0
+    limits = job.opts.quality_limits()
     with _shard_writer(final) as writer:
         for row in job.rows:
             try:
@@ -86,16 +88,23 @@ def write_shard(job: ShardJob) -> dict:
             except OSError as err:  # unreadable file (permissions, vanished mid-build)
                 skipped.append({"file": row.file, "reason": f"cannot read: {err}"})
                 continue
+            failed = quality.failure(prepared.quality, limits)
+            if failed:
+                name, value, limit = failed
+                rejected.append({"file": row.file, "reason": name, "value": value, "limit": limit,
+                                 "measures": prepared.quality})
+                continue
             labels = {**dict(row.labels), **prepared.labels}
             hashes[row.file] = prepared.hash.to_record()
-            writer.write(records.encode_record(row.file, labels, prepared.image, hashes[row.file]))
+            writer.write(records.encode_record(row.file, labels, prepared.image, hashes[row.file],
+                                               prepared.quality))
             count += 1
             if prepared.faces_found > 1:
                 several.append(row.file)
             if prepared.labels:
                 face_labels[row.file] = labels
     status = {"fingerprint": job.fingerprint, "file": job.file, "num_records": count,
-              "bytes": os.path.getsize(final), "skipped": skipped, "hashes": hashes}
+              "bytes": os.path.getsize(final), "skipped": skipped, "rejected": rejected, "hashes": hashes}
     if job.opts.uses_faces:
         status.update(several_faces=several, face_labels=face_labels)
     manifest_lib.write_json_atomic(status_path(job.opts, job.file), status)
