@@ -17,42 +17,32 @@ One run per workdir (workdir_lock.py). Exit codes, for schedulers: 0 finished, 3
 (NaN loss, a failed save, a locked workdir, unreadable checkpoints). Every failure is one line on
 stderr, `train: ...`; `--debug` keeps the traceback.
 
-The loop does no host work per step beyond fetching the next batch: metrics stay on device and are
-pulled only every `log_every` steps (and before each save), where the loss is checked for NaN/Inf.
+The step loop is training/loop.py's, shared with fine-tuning: no host work per step beyond fetching the
+next batch; metrics stay on device and are pulled only every `log_every` steps (and before each save),
+where the loss is checked for NaN/Inf. This file says what the pretraining run is (`pretraining_task`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging as logging_std
-import math
-import signal
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 from absl import app, flags, logging
-from etils import epath
 from ml_collections import config_flags
-from tqdm import tqdm
 
 from mefem_jax import cli
 from mefem_jax.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_FINISHED, EXIT_PREEMPTED  # noqa: F401 - in README
 from mefem_jax.config import validate_config
-from mefem_jax.config_checks import ConfigError
 from mefem_jax.data import mixture
 from mefem_jax.data.pipeline import make_train_iterator
 from mefem_jax.evaluation.online_probe import probe_during_training
 from mefem_jax.models import vit
-from mefem_jax.training import run_record, sharding
-from mefem_jax.training.checkpoint import Checkpointer, checkpoint_dir, with_shardings
-from mefem_jax.training.metric_writer import MetricWriter, plot_loss, read_metrics
+from mefem_jax.training import loop, sharding
 from mefem_jax.training.run_setup import prepare
 from mefem_jax.weights import encoders
 from mefem_jax.weights.runs import run_step
 from mefem_jax.weights.timm_keys import ConversionError
-from mefem_jax.workdir_lock import LOCK_NAME, WorkdirLock
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py[:smoke].",
                                           lock_config=True)
@@ -67,37 +57,8 @@ _ALLOW_CHANGE = flags.DEFINE_list(
     "steps compute, e.g. data.batch_size,data.train; each change is recorded in WORKDIR/config_history.jsonl.")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class LostCheckpointsError(ValueError):
-    pass
-
-
 class InitFromMismatchError(ValueError):
     """init_from's weights do not fit model.*: one short line; the cause lists every parameter."""
-
-
-class Preemption:
-    """Turns SIGTERM/SIGINT into a flag the loop polls, so the current step finishes and is saved."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("received signal %d: saving a checkpoint after this step, then exiting", signum)
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(config, workdir: str | Path, allow_config_change: tuple[str, ...] | list[str] = ()) -> dict:
@@ -105,159 +66,33 @@ def train(config, workdir: str | Path, allow_config_change: tuple[str, ...] | li
     with `step` (the last step done and saved) and `preempted` (stopped by a signal after saving).
     `allow_config_change`: keys a resume may change beyond run_record.RESUMABLE."""
     validate_config(config)  # before the workdir is touched: a bad config leaves nothing behind
-    run_record.check_allowed_names(config, allow_config_change)
-    workdir = epath.Path(workdir)
-    is_lead = jax.process_index() == 0
-    local = "://" not in str(workdir)
-    created = is_lead and local and not workdir.exists()
-    if is_lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-    with WorkdirLock(workdir) if is_lead else contextlib.nullcontext():
-        try:
-            return _train_locked(config, workdir, is_lead, tuple(allow_config_change))
-        except BaseException:
-            if created:
-                _remove_if_untouched(workdir)
-            raise
+    return loop.run(config, workdir, pretraining_task(config), allow_config_change)
 
 
-def _remove_if_untouched(workdir) -> None:
-    """A run that failed before writing anything leaves no empty workdir of its own making behind.
-    (Local paths only; never raises, so the error that stopped the run is the one reported.)"""
-    workdir = Path(str(workdir))
-    with contextlib.suppress(OSError):
-        if not any((workdir / "checkpoints").iterdir()):  # Orbax creates it before anything is saved
-            (workdir / "checkpoints").rmdir()
-    with contextlib.suppress(OSError):
-        if {p.name for p in workdir.iterdir()} == {LOCK_NAME}:
-            (workdir / LOCK_NAME).unlink()
-            workdir.rmdir()
+def pretraining_task(config) -> loop.Task:
+    """The JEPA run as the shared loop sees it: run_setup's step on the pretraining stream, probes of the
+    target encoder every eval.every_steps, the pipeline's decoded/skipped counts saved with each step."""
+    stats = loop.DataStats(mixture.source_names(config.data.train))
+    pieces = {}  # the run's Pieces once prepared, for the probes
 
+    def setup(cfg):
+        run = prepare(cfg)
+        pieces["run"] = run
+        return run
 
-def _refuse_lost_checkpoints(workdir) -> None:
-    """Metrics without any checkpoint (or save in flight) mean the checkpoints were deleted: a fresh
-    start would silently drop the logged history. (Called before Orbax cleans interrupted saves away.)"""
-    metrics = workdir / "metrics.jsonl"
-    if not metrics.exists():
-        return
-    logged = [r["step"] for r in read_metrics(metrics) if r.get("step", 0) > 0]
-    ckpt_dir = checkpoint_dir(workdir)
-    if not logged or (ckpt_dir.exists() and any(ckpt_dir.iterdir())):
-        return
-    raise LostCheckpointsError(f"{metrics} logs steps up to {max(logged)} but {ckpt_dir} holds no checkpoint; "
-                               "restore the checkpoints, or start afresh in a new --workdir (or after "
-                               "removing metrics.jsonl)")
+    def data(cfg, batch_size):
+        return make_train_iterator(cfg.data, image_size=cfg.model.image_size, global_batch_size=batch_size,
+                                   seed=cfg.seed, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
 
+    def inputs(batch, run):
+        stats.update(batch)
+        return sharding.global_batch(np.asarray(batch["image"]), run.batch_sharding)
 
-def _check_total(total: int, start: int, workdir) -> None:
-    if total < start:
-        raise ConfigError(f"total_steps={total} is not allowed; allowed: >= {start}, the step of the newest "
-                          f"checkpoint in {workdir} that this run resumes from")
-
-
-def _train_locked(config, workdir, is_lead: bool, allow_config_change: tuple[str, ...]) -> dict:
-    if is_lead:
-        _refuse_lost_checkpoints(workdir)
-    run = prepare(config)
-    sharding.log_mesh(run.mesh)
-    pieces, batch_sh, batch_size = run.pieces, run.batch_sharding, run.batch_size
-    data_it = make_train_iterator(config.data, image_size=config.model.image_size, global_batch_size=batch_size,
-                                  seed=config.seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-
-    ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep)
-    total = int(config.total_steps)
-    resume_check = run_record.ResumeCheck(config, workdir, allow_config_change)
-    try:
-        abstract = with_shardings(run.abstract_state, run.state_sharding)
-        state, start, changes = ckpt.restore_latest(abstract, data_it, accept=resume_check)
-        _check_total(total, start, workdir)
-        if state is None:
-            state = _fresh_state(run, config)
-    except BaseException:  # a refused resume or failed start stops Orbax's and Grain's threads too
-        ckpt.close()
-        data_it.close()
-        raise
-    if is_lead:  # once the start is settled: a refused or failed one leaves the run's record alone
-        run_record.write(workdir, config, start, changes)
-    step_fn = run.step
-
-    writer = MetricWriter(workdir, enabled=is_lead)
-    writer.truncate_after(start)  # a resumed run rewrites what was logged after its checkpoint
-    if start == 0 and config.eval.every_steps:
-        # Probe the encoder before its first update, so every learning curve starts at its own random init.
-        writer.write(0, _probe(pieces, state, config))
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not is_lead)
-    last: dict = {"step": start, "preempted": False}  # what a run that has nothing left to do reports
-    stats = DataStats(mixture.source_names(config.data.train), ckpt.read_counters(start) if start else {})
-    t_log, n_log, compile_s = time.perf_counter(), 0, None
-    stall_s = 0.0  # seconds blocked in ckpt.save since the last metrics row
-    try:
-        with Preemption() as preempt:
-            for step in range(start, total):
-                ckpt.check()  # an asynchronous save that failed stops the run now, naming its step
-                batch = next(data_it)
-                stats.update(batch)
-                images = sharding.global_batch(np.asarray(batch["image"]), batch_sh)
-                t0 = time.perf_counter()
-                state, metrics = step_fn(state, images)
-                if compile_s is None:  # the first call traces and compiles; keep it out of img/s
-                    jax.block_until_ready(state.step)
-                    compile_s = time.perf_counter() - t0
-                    t_log, n_log = time.perf_counter(), 0
-                    logging.info("first step (trace + compile + run): %.1fs", compile_s)
-                else:
-                    n_log += 1
-                bar.update(1)
-                done = step + 1
-                stop = preempt.requested or ckpt.manager.reached_preemption(done)
-                saving = stop or done == total or ckpt.manager.should_save(done)
-                if done % config.log_every == 0 or saving:
-                    metrics = jax.device_get(metrics)
-                    _check_finite(metrics, done)
-                if saving:
-                    # The loop waits here for the device-to-host copy and for the previous async save to
-                    # finish; the writing itself overlaps the next steps. Logged as ckpt_stall_s.
-                    t_save = time.perf_counter()
-                    ckpt.save(done, state, data_it, config, force=True, counters=stats.as_dict(),
-                              data_identity=resume_check.data)
-                    stall_s += time.perf_counter() - t_save
-                probe = {}
-                if config.eval.every_steps and (done % config.eval.every_steps == 0 or done == total):
-                    probe = _probe(pieces, state, config)
-                    t_log += probe["probe_seconds"]  # keep the probe's time out of img/s
-                if done % config.log_every == 0 or done == total or probe or stop:  # a row at the saved step
-                    metrics = jax.device_get(metrics)
-                    elapsed = time.perf_counter() - t_log
-                    row = {k: float(v) for k, v in metrics.items()}
-                    row.update(img_per_sec=n_log * batch_size / elapsed if n_log else float("nan"),
-                               compile_s=compile_s, ckpt_stall_s=stall_s, **stats.as_dict(), **probe)
-                    writer.write(done, row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                    img_s=f"{row['img_per_sec']:.0f}")
-                    last = dict(row, step=done, preempted=stop)
-                    t_log, n_log, stall_s = time.perf_counter(), 0, 0.0
-                if stop:
-                    logging.warning("preempted: saved step %d, exiting", done)
-                    break
-    finally:
-        bar.close()
-        ckpt.close()  # lets in-flight async saves of good steps finish, even when we stop on an error
-        data_it.close()  # stops Grain worker processes
-        writer.close()
-    if is_lead and writer.path.exists():
-        plot_loss(writer.path, workdir / "plots" / "loss.png")
-    return last
-
-
-def _check_finite(metrics: dict, step: int) -> None:
-    # param_norm is of the state about to be saved: a finite loss and gradient can still produce an update
-    # that overflows the parameters (a diverging learning rate), and that state must not be checkpointed.
-    for key in ("loss", "grad_norm", "param_norm"):
-        value = float(metrics[key])
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"{key} is {value} at step {step}; stopping before it is checkpointed. "
-                                     "The checkpoints of earlier steps are intact.")
+    return loop.Task(prepare=setup, data=data, fresh_state=lambda run: _fresh_state(run, config), inputs=inputs,
+                     evaluate=lambda state: _probe(pieces["run"].pieces, state, config),
+                     eval_every=int(config.eval.every_steps), counters=stats.as_dict,
+                     restore_counters=stats.restore)
 
 
 def _probe(pieces, state, config) -> dict:
@@ -309,39 +144,9 @@ def _architecture_misfit(config) -> str:
     return ", ".join(differ) or "does not fit the configured encoder"
 
 
-class DataStats:
-    """Running counts of what the input pipeline delivered and skipped (bad records never crash a run), and
-    for a mixture what each source delivered (`data_decoded_<name>`, names from data/mixture.py)."""
-
-    def __init__(self, source_names=(), saved: dict | None = None):  # saved: an earlier as_dict()
-        saved = saved or {}
-        self.decoded = int(saved.get("data_decoded", 0))
-        self.skipped = int(saved.get("data_skipped", 0))
-        self.keys = [f"data_decoded_{name}" for name in source_names]
-        self.by_source = [int(saved.get(key, 0)) for key in self.keys]
-
-    def update(self, batch: dict) -> None:
-        self.decoded += int(np.shape(batch["image"])[0])
-        if "skipped" in batch:
-            self.skipped += int(np.sum(batch["skipped"]))
-        if self.keys:
-            self.by_source = [n + int(k) for n, k in zip(self.by_source, batch["decoded_per_source"])]
-
-    def as_dict(self) -> dict:
-        return {"data_decoded": self.decoded, "data_skipped": self.skipped,
-                **dict(zip(self.keys, self.by_source))}
-
-
-class _QuietLibraries(logging_std.Filter):
-    """Orbax narrates every save at INFO (a dozen lines per checkpoint); keep its warnings only."""
-
-    def filter(self, record):
-        return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
     del argv
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    loop.quiet_checkpoint_logs()
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,

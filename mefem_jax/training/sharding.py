@@ -120,8 +120,9 @@ def param_specs(params, fsdp_size: int, rules=DEFAULT_RULES, min_fsdp_size: int 
 
 def state_shardings(abstract_state, tx: optax.GradientTransformation, mesh: Mesh, rules=DEFAULT_RULES,
                     min_fsdp_size: int = 2 ** 14):
-    """NamedShardings for a TrainState: params and target by the rules, optimizer moments like the params
-    they belong to (otherwise `tx.init` would put all of them on one device), counters and rng replicated."""
+    """NamedShardings for a train state (pretraining's or a fine-tune's): params and any EMA target by the
+    rules, optimizer moments like the params they belong to (otherwise `tx.init` would put all of them on
+    one device), counters and rng replicated."""
     fsdp = mesh.shape["fsdp"]
     specs = param_specs(abstract_state.params, fsdp, rules, min_fsdp_size)
     to_sharding = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
@@ -130,13 +131,11 @@ def state_shardings(abstract_state, tx: optax.GradientTransformation, mesh: Mesh
     opt = optax.tree_map_params(tx, lambda _, spec: spec, abstract_state.opt_state, specs,
                                 transform_non_params=lambda _: P(), is_leaf=is_spec)
     opt = jax.tree.map(to_sharding, opt, is_leaf=is_spec)
-    return abstract_state.replace(
-        step=replicated,
-        params=jax.tree.map(to_sharding, specs, is_leaf=is_spec),
-        target_params=jax.tree.map(to_sharding, specs["encoder"], is_leaf=is_spec),
-        opt_state=opt,
-        rng=replicated,
-    )
+    fields = dict(step=replicated, params=jax.tree.map(to_sharding, specs, is_leaf=is_spec), opt_state=opt,
+                  rng=replicated)
+    if hasattr(abstract_state, "target_params"):  # pretraining's EMA encoder; a fine-tune has none
+        fields["target_params"] = jax.tree.map(to_sharding, specs["encoder"], is_leaf=is_spec)
+    return abstract_state.replace(**fields)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -165,7 +165,7 @@ def test_data_identity_covers_every_source_and_weight(two_sets, tmp_path):
 
 
 def test_per_source_counters_continue_across_a_resume():
-    from mefem_jax.train import DataStats  # the entry point's tally (imports the whole trainer)
+    from mefem_jax.training.loop import DataStats  # the training loop's tally
 
     stats = DataStats(mixture.source_names("/d/utk:0.7;tfds:celeb_a:0.3"))
     for counts in ([6, 2], [5, 3]):
