@@ -138,17 +138,24 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. `mask`: bool `[B, 1, 1, S]` of usable keys, or None for all."""
+    """Pre-norm transformer block. `mask`: bool `[B, 1, 1, S]` of usable keys, or None for all.
+
+    `drop_path` > 0 (fine-tuning) drops each branch for whole examples with that probability when not
+    `deterministic` and scales the kept ones by 1/(1 - p), timm's DropPath; it draws from the `dropout` rng.
+    """
     heads: int
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
+    drop_path: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         x = batch_sharded(x)  # see models/activation_sharding.py: FSDP gathers weights, not activations
-        x = x + Attention(self.heads, self.dtype, name="attn")(layer_norm(self.dtype, "norm1")(x), mask)
+        # One mask per example, shared over tokens and channels (broadcast_dims): stochastic depth.
+        drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=deterministic or not self.drop_path)
+        x = x + drop(Attention(self.heads, self.dtype, name="attn")(layer_norm(self.dtype, "norm1")(x), mask))
         hidden = int(x.shape[-1] * self.mlp_ratio)
-        return x + Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
+        return x + drop(Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x)))
 
 
 class _ScanBlock(Block):
@@ -159,7 +166,8 @@ class _ScanBlock(Block):
 
 
 def run_blocks(x: jax.Array, mask: jax.Array | None, *, depth: int, heads: int, mlp_ratio: float,
-               dtype: Any, remat: bool, scan: bool) -> jax.Array:
+               dtype: Any, remat: bool, scan: bool, drop_path: float = 0.0,
+               deterministic: bool = True) -> jax.Array:
     """`depth` blocks on `x`, created as children of the calling (compact) module.
 
     Unrolled (`scan=False`), the parameters are `blocks_0 ... blocks_{depth-1}`, one subtree per block,
@@ -170,16 +178,21 @@ def run_blocks(x: jax.Array, mask: jax.Array | None, *, depth: int, heads: int, 
     (benchmarks/RESULTS.md). `stack_blocks` / `unstack_blocks` convert between the two; the timm
     conversion (timm_keys.py) always goes through the unrolled one.
     `remat` recomputes each block's activations in the backward pass, in either form.
+    `drop_path` is the last block's stochastic-depth rate; block i gets `drop_path * i / (depth - 1)`, timm's
+    linear rule. Unrolled blocks only: each block has its own rate, which one scanned body cannot hold.
     """
+    if drop_path and scan:
+        raise ValueError("drop_path needs unrolled blocks (model.scan_layers=False)")
     if scan:
         body = nn.remat(_ScanBlock, prevent_cse=False) if remat else _ScanBlock  # CSE is moot in a loop
         stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=nn.broadcast, length=depth)
         x, _ = stack(heads, mlp_ratio, dtype, name="blocks")(x, mask)
         return x
-    block = nn.remat(Block) if remat else Block
+    block = nn.remat(Block, static_argnums=(3,)) if remat else Block  # `deterministic` is a Python bool
     for i in range(depth):
-        x = block(heads, mlp_ratio, dtype, name=f"blocks_{i}")(x, mask)
+        rate = drop_path * i / max(depth - 1, 1)
+        x = block(heads, mlp_ratio, dtype, rate, name=f"blocks_{i}")(x, mask, deterministic)
     return x
 
 
@@ -238,6 +251,7 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     scan: bool = False  # one scanned `blocks` subtree instead of `blocks_{i}` (see `run_blocks`)
+    drop_path: float = 0.0  # stochastic depth of the last block (fine-tuning); see `run_blocks`
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -246,13 +260,14 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, patch_idx: jax.Array | None = None,
                  patch_valid: jax.Array | None = None,
-                 cls_visible: jax.Array | None = None) -> jax.Array:
+                 cls_visible: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         """Encode a batch; returns final-LayerNormed tokens `[B, 1 + K, width]`, CLS first.
 
         images:      float `[B, H, W, 3]`, already normalised, H = W = image_size.
         patch_idx:   int32 `[B, K]` cells of the row-major patch grid to encode; None = all, in order.
         patch_valid: bool `[B, K]`; False marks a padding slot, which no token attends to.
         cls_visible: bool `[B]`; False hides CLS from every token (MeFEm CLS reassignment).
+        deterministic: False applies `drop_path` (needs a `dropout` rng); True, the default, never drops.
         """
         gh, gw = self.grid
         if images.shape[1:3] != (gh * self.patch_size, gw * self.patch_size):
@@ -286,7 +301,8 @@ class ViT(nn.Module):
             mask = key_mask(jnp.concatenate([cls_key[:, None], patch_key], axis=1))
 
         x = run_blocks(x, mask, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio,
-                       dtype=self.dtype, remat=self.remat, scan=self.scan)
+                       dtype=self.dtype, remat=self.remat, scan=self.scan, drop_path=self.drop_path,
+                       deterministic=deterministic)
         return layer_norm(self.dtype, "norm")(x)
 
 
