@@ -13,11 +13,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "mefem_jax"
 # The commands (`python -m mefem_jax.NAME`); `data.build_shards` is the builder's two-line command module,
 # `data.leakage` the check for evaluation images in the pretraining data.
-ENTRY_POINTS = ("train", "evaluate", "export", "compile_check", "viz", "data.build_shards", "data.leakage")
+ENTRY_POINTS = ("train", "finetune", "evaluate", "export", "compile_check", "viz", "data.build_shards",
+                "data.leakage")
 # The package's top level: the entry points and these core modules; everything else lives in a wing.
 CORE = ("cli", "config", "config_checks", "spec_options", "workdir_lock")
-WINGS = ("training", "tpu", "weights", "evaluation", "data", "data.shards", "objective", "masking", "models",
-         "reference")
+WINGS = ("training", "finetuning", "tpu", "weights", "evaluation", "data", "data.shards", "objective", "masking",
+         "models", "reference")
 
 
 def _module_name(path: Path) -> str:
@@ -127,6 +128,7 @@ def test_the_top_level_holds_entry_points_and_core_only():
                      "weights", "evaluation", "models", "reference")),
     ("training", ("tpu", "weights", "evaluation.data", "data.shards", "reference")),
     ("evaluation", ("training", "tpu", "data.shards.build", "reference")),
+    ("finetuning", ("tpu", "weights", "data.shards.build", "reference")),
 ])
 def test_a_wing_reaches_nothing_above_or_beside_it(wing, forbidden):
     for name in (n for n in MODULES if _in(n, wing)):

@@ -59,6 +59,8 @@ RESUMABLE = {
     "mesh": "how the step is laid out over devices; a checkpoint restores onto any mesh",
     "model.remat": "recomputes activations in the backward pass: the same gradients, less memory",
     "init_from": "read only when a run starts at step 0; a resume continues from its checkpoint",
+    "init": "fine-tuning's encoder: read only when a run starts at step 0 (its shape is model.*, checked apart)",
+    "data.test": "fine-tuning's test split: scored once after the last step, never read by one",
 }
 # What not even the flag can change: the checkpoint could not be restored under the new value.
 FIXED = {
