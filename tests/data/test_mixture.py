@@ -3,42 +3,23 @@ real shard sets are delivered in, the per-source counts, an exact resume, and th
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers.faces import IMAGES, utkface_rows, write_labels
-from helpers.repo import REPO
+from helpers.shard_sets import PER_SET, build_shard_sets, mix_spec
 from mefem_jax import config_checks
 from mefem_jax.data import mixture, pipeline, sources
 from mefem_jax.data.config import DATA_RULES, default_data_config
 from mefem_jax.training import run_record
 
-PER_SET = 30
-
 
 @pytest.fixture(scope="module")
 def two_sets(tmp_path_factory) -> dict[str, tuple[str, set[str]]]:
     """Two shard folders of 30 different UTKFace faces each, stored at 32 px (built concurrently)."""
-    rows = utkface_rows(2 * PER_SET)
-    tmp = tmp_path_factory.mktemp("mixture")
-    sets, builds = {}, []
-    for name, part in (("set_a", rows[:PER_SET]), ("set_b", rows[PER_SET:])):
-        labels = write_labels(tmp / f"{name}.csv", part)
-        out = tmp / name
-        builds.append(subprocess.Popen(
-            [sys.executable, "-m", "mefem_jax.data.build_shards", f"--images={IMAGES}", f"--labels={labels}",
-             f"--out={out}", "--num_shards=2", "--workers=1", "--image_size=32"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        sets[name] = (str(out), {r["file"] for r in part})
-    for build in builds:
-        output = build.communicate(timeout=120)[0]
-        assert build.returncode == 0, output[-2000:]
-    return sets
+    return build_shard_sets(tmp_path_factory.mktemp("mixture"))
 
 
 def _cfg(train: str, **overrides):
@@ -52,15 +33,11 @@ def _iterator(cfg, batch: int = 100, seed: int = 0):
                                         process_index=0, process_count=1)
 
 
-def _mix(two_sets, a: float = 0.7, b: float = 0.3) -> str:
-    return f"{two_sets['set_a'][0]}:{a};{two_sets['set_b'][0]}:{b}"
-
-
 def test_a_mixture_delivers_its_shares_and_counts_them(two_sets):
     """0.7/0.3 over 5,000 examples, told apart by their ids: within 2% overall and in every window of
     500; the batches' per-source counts agree with the ids; each source runs through whole epochs."""
     ids_a, ids_b = two_sets["set_a"][1], two_sets["set_b"][1]
-    it = _iterator(_cfg(_mix(two_sets)))
+    it = _iterator(_cfg(mix_spec(two_sets)))
     batches = [next(it) for _ in range(50)]
     it.close()
     ids = [i for b in batches for i in b["id"]]
@@ -81,7 +58,7 @@ def test_a_mixture_delivers_its_shares_and_counts_them(two_sets):
 def test_the_mixture_resumes_exactly_from_its_saved_state(two_sets, tmp_path):
     """The continuation after get_state/set_state, and after an Orbax round trip of the iterator (what a
     checkpoint saves), is the uninterrupted one: images, ids and per-source counts."""
-    cfg = _cfg(_mix(two_sets), augment_on="host")  # host crops: the resumed crops must match too
+    cfg = _cfg(mix_spec(two_sets), augment_on="host")  # host crops: the resumed crops must match too
     first = _iterator(cfg, batch=16)
     for _ in range(7):
         next(first)
@@ -113,7 +90,7 @@ def _first_ids(cfg, seed: int) -> list[str]:
 
 
 def test_the_run_seed_decides_the_mixed_order(two_sets):
-    cfg = _cfg(_mix(two_sets, 1, 1))
+    cfg = _cfg(mix_spec(two_sets, 1, 1))
     assert _first_ids(cfg, 0) == _first_ids(cfg, 0) != _first_ids(cfg, 1)
 
 

@@ -129,14 +129,15 @@ def resumed_from(log_text: str) -> int | None:
     return int(steps[-1]) if steps else None
 
 
-def reference_run(env: dict, tmp_path_factory) -> Path:
-    """One uninterrupted run of TOTAL steps, made once per session (test_export_cli.py reads it too).
-    Tests never write into it: they copy it first."""
-    workdir = tmp_path_factory.getbasetemp() / "tiny_reference" / "run"
+def reference_run(env: dict, tmp_path_factory, name: str = "tiny_reference", **overrides) -> Path:
+    """One uninterrupted run of TOTAL steps, made once per session and `name` (test_export_cli.py reads the
+    default one too); `overrides` as for `Run` (another name for other overrides). Tests never write into
+    it: they copy it first."""
+    workdir = tmp_path_factory.getbasetemp() / name / "run"
     finished = workdir.parent / "finished"
     if not finished.exists():
         workdir.parent.mkdir(exist_ok=True)
-        r = run(env, workdir, "reference")
+        r = run(env, workdir, "reference", **overrides)
         assert r.proc.returncode == 0, r.tail()
         assert logged_steps(workdir) == list(range(1, TOTAL + 1))
         assert complete_steps(workdir) == [12, 16, 20]
