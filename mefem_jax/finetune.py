@@ -18,6 +18,8 @@ save with exit 3, the workdir lock, one-line errors with exit 2 for bad input), 
                                   head's outputs (what `python -m mefem_jax.export --workdir=W` releases)
     test/report.json, report.md   that step scored once on data.test, with bootstrap 95 % intervals
     test/predictions.csv          each test face's label and prediction (for paired comparisons)
+    start/, test/start_*          step 0 kept and scored the same way: with LP-FT, the linear probe the
+                                  fine-tune started from, on the same test faces
 """
 from __future__ import annotations
 
@@ -105,6 +107,7 @@ def _task(config, workdir, encoder_params, train, val, outputs) -> loop.Task:
         return {k: sharding.global_batch(np.asarray(batch[k]), run.batch_sharding) for k in ("image", "labels")}
 
     def evaluate(state):
+        jax.block_until_ready(state.params)  # the queued steps are not the validation's time
         t0 = time.perf_counter()
         params = _host_params(state.params)
         logits = step_lib.in_batches(held["predict"], params, val.images, int(config.eval.batch_size))
@@ -128,17 +131,22 @@ def _host_params(params):
 
 
 def _score_test(config, workdir, outputs) -> list[dict]:
-    """The kept step on data.test, once: report.json / report.md / predictions.csv under W/test."""
+    """The kept step on data.test, once, and beside it step 0 (with LP-FT the linear probe) on the same faces:
+    report.json / report.md / predictions.csv under W/test."""
     test = labelled_data.load_split(config.data.test, config.model.image_size, "test")
-    params, kept = best_lib.load(workdir)
-    pieces = step_lib.build(config, outputs)
-    logits = step_lib.in_batches(step_lib.make_predict(pieces), params, test.images, int(config.eval.batch_size))
+    predict = step_lib.make_predict(step_lib.build(config, outputs))
     y_test = outputs_lib.encode_labels(outputs, test.labels)
-    rows = scoring.test_rows(outputs, logits, y_test, seed=config.seed)
+    scored = {}
+    for which in (best_lib.BEST, best_lib.START):
+        if which == best_lib.START and not (best_lib.folder(workdir).with_name(which) / "best.json").is_file():
+            continue  # a run resumed from a workdir written before step 0 was kept
+        params, kept = best_lib.load(workdir, which)
+        logits = step_lib.in_batches(predict, params, test.images, int(config.eval.batch_size))
+        scored[which] = (kept, scoring.test_rows(outputs, logits, y_test, seed=config.seed),
+                         scoring.per_face(outputs, logits, y_test, test.ids))
     if jax.process_index() == 0:
-        report.write(Path(str(workdir)) / "test", config, kept, rows,
-                     scoring.per_face(outputs, logits, y_test, test.ids), test.skipped)
-    return rows
+        report.write(Path(str(workdir)) / "test", config, scored, test.skipped)
+    return scored[best_lib.BEST][1]
 
 
 def main(argv):

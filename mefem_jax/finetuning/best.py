@@ -2,6 +2,8 @@
 
     best/params      Orbax: {"encoder": ..., "head": {"kernel", "bias"}} of that step (host arrays)
     best/best.json   {"step", "select", "val": metrics, "readout", "model", "outputs", "init"}
+    start/           the same for step 0, the fine-tune's starting point: with LP-FT the linear probe,
+                     scored on the test split beside the kept step, on the same faces
 
 The validation runs before the step's checkpoint is saved (training/loop.py), and the best value so far
 travels in the checkpoint's counters: a resumed run compares with what the interrupted one had kept,
@@ -25,6 +27,7 @@ from mefem_jax.finetuning.outputs import Output
 from mefem_jax.finetuning.scoring import is_better
 
 BEST = "best"
+START = "start"  # step 0, in the same layout: what the fine-tune started from
 
 
 def folder(workdir) -> Path:
@@ -50,26 +53,28 @@ class Best:
     def consider(self, step: int, metrics: dict, params) -> bool:
         if self.select not in metrics:
             raise ValueError(f"eval.select={self.select!r} is not a validation metric; they are {sorted(metrics)}")
+        if step == 0 and jax.process_index() == 0:  # the starting point (with LP-FT, the linear probe)
+            self._write(self.path.with_name(START), step, metrics, params)
         value = float(metrics[self.select])
         if not is_better(self.select, value, self.value):
             return False
         self.step, self.value = step, value
         if jax.process_index() == 0:
-            self._write(step, metrics, params)
+            self._write(self.path, step, metrics, params)
         logging.info("best step so far: %d (val %s %.4f)", step, self.select, value)
         return True
 
-    def _write(self, step: int, metrics: dict, params) -> None:
-        new, old = self.path.with_name(BEST + ".new"), self.path.with_name(BEST + ".old")
+    def _write(self, path: Path, step: int, metrics: dict, params) -> None:
+        new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
         for leftover in (new, old):
             shutil.rmtree(leftover, ignore_errors=True)
         new.mkdir(parents=True)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(new / "params", params)
         (new / "best.json").write_text(json.dumps(self.describe(step, metrics), indent=2))
-        if self.path.exists():
-            self.path.rename(old)
-        new.rename(self.path)
+        if path.exists():
+            path.rename(old)
+        new.rename(path)
         shutil.rmtree(old, ignore_errors=True)
 
     def describe(self, step: int, metrics: dict) -> dict:
@@ -78,9 +83,9 @@ class Best:
                 "model": model, "outputs": [o.as_json() for o in self.outputs], "init": str(self.config.init)}
 
 
-def load(workdir) -> tuple[dict, dict]:
-    """(params, best.json) of a fine-tune's kept step."""
-    path = folder(workdir)
+def load(workdir, which: str = BEST) -> tuple[dict, dict]:
+    """(params, best.json) of a fine-tune's kept step (or, with which=START, of its step 0)."""
+    path = folder(workdir).with_name(which)
     if not (path / "best.json").is_file():
         raise FileNotFoundError(f"{path} holds no kept step (best.json); is {workdir} a fine-tune's workdir?")
     kept = json.loads((path / "best.json").read_text())

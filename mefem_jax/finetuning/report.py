@@ -1,5 +1,6 @@
 """The test report of a fine-tune: report.json (everything), report.md (a table a person reads) and
-predictions.csv (one row per test face), in WORKDIR/test/.
+predictions.csv (one row per test face), in WORKDIR/test/; the same for step 0 (`start_rows`,
+start_predictions.csv), the point the fine-tune started from.
 
 The rows have evaluate's layout (target, kind, metrics, intervals, n_test), so scripts that read
 `evaluate`'s report.json read this one, and scripts/paired_compare.py can pair its predictions.
@@ -26,7 +27,22 @@ def _cell(row: dict, key: str) -> str:
     return text
 
 
-def markdown(config, kept: dict, rows: list[dict], skipped: dict) -> str:
+def _tables(rows: list[dict]) -> list[str]:
+    lines = []
+    for kind, columns in _COLUMNS.items():
+        mine = [r for r in rows if r["kind"] == kind]
+        if not mine:
+            continue
+        lines += ["", f"### {kind.capitalize()}", "",
+                  "| target | n | " + " | ".join(title for title, _ in columns) + " |",
+                  "|---|---:|" + "---:|" * len(columns)]
+        for r in mine:
+            lines.append(f"| {r['target']} | {r['n_test']} | " + " | ".join(_cell(r, k) for _, k in columns) + " |")
+    return lines
+
+
+def markdown(config, scored: dict, skipped: dict) -> str:
+    kept = scored["best"][0]
     lines = [f"# Fine-tune of `{config.init}`", "",
              f"- kept step {kept['step']} of {config.total_steps}, best validation {kept['select']} "
              f"= {kept['val'][kept['select']]:.4f}",
@@ -36,28 +52,31 @@ def markdown(config, kept: dict, rows: list[dict], skipped: dict) -> str:
     unreadable = sum(len(v) for v in skipped.values())
     if unreadable:
         lines.append(f"- {unreadable} test images could not be read and are not scored")
-    lines.append("")
-    lines.append("95 % intervals: percentile bootstrap over the test faces (1,000 resamples).")
-    for kind, columns in _COLUMNS.items():
-        mine = [r for r in rows if r["kind"] == kind]
-        if not mine:
-            continue
-        lines += ["", f"## {kind.capitalize()}", "",
-                  "| target | n | " + " | ".join(title for title, _ in columns) + " |",
-                  "|---|---:|" + "---:|" * len(columns)]
-        for r in mine:
-            lines.append(f"| {r['target']} | {r['n_test']} | " + " | ".join(_cell(r, k) for _, k in columns) + " |")
+    lines += ["", "95 % intervals: percentile bootstrap over the test faces (1,000 resamples).", "",
+              f"## The kept step ({kept['step']})"] + _tables(scored["best"][1])
+    if "start" in scored:
+        what = "the linear probe it started from" if config.head.init == "probe" else "the initial head"
+        lines += ["", f"## Step 0: {what}, on the same faces"] + _tables(scored["start"][1])
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, config, kept: dict, rows: list[dict], faces: list[dict], skipped: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"init": str(config.init), "kept_step": kept["step"], "val": kept["val"], "rows": rows,
-               "test": str(config.data.test), "skipped": skipped}
-    (out / "report.json").write_text(json.dumps(payload, indent=2))
-    (out / "report.md").write_text(markdown(config, kept, rows, skipped))
+def _write_faces(path: Path, faces: list[dict]) -> None:
     if faces:
-        with open(out / "predictions.csv", "w", newline="") as f:
+        with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(faces[0]))
             writer.writeheader()
             writer.writerows(faces)
+
+
+def write(out: Path, config, scored: dict, skipped: dict) -> None:
+    """`scored`: {"best": (best.json, rows, faces), and "start" likewise when step 0 was kept}."""
+    out.mkdir(parents=True, exist_ok=True)
+    kept, rows, faces = scored["best"]
+    payload = {"init": str(config.init), "kept_step": kept["step"], "val": kept["val"], "rows": rows,
+               "test": str(config.data.test), "skipped": skipped}
+    if "start" in scored:
+        payload.update(start_val=scored["start"][0]["val"], start_rows=scored["start"][1])
+        _write_faces(out / "start_predictions.csv", scored["start"][2])
+    (out / "report.json").write_text(json.dumps(payload, indent=2))
+    (out / "report.md").write_text(markdown(config, scored, skipped))
+    _write_faces(out / "predictions.csv", faces)

@@ -75,6 +75,10 @@ def test_the_cpu_recipe_through_the_entry_point(cpu_run):
     assert {r["target"]: r["n_test"] for r in report["rows"]} == {"age": 8, "gender": 8}
     assert all("intervals" in r for r in report["rows"])
     assert (workdir / "test" / "predictions.csv").read_text().count("\n") == 9  # header + 8 faces
+    # step 0, the linear probe LP-FT starts from, kept and scored on the same faces
+    assert json.loads((workdir / "start" / "best.json").read_text())["step"] == 0
+    assert [r["target"] for r in report["start_rows"]] == ["age", "gender"]
+    assert (workdir / "test" / "start_predictions.csv").read_text().count("\n") == 9
     rows = read_metrics(workdir / "metrics.jsonl")
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
 
