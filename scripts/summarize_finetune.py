@@ -1,0 +1,174 @@
+"""The fine-tuning study's table and plot (scripts/finetune_study.sh writes the runs).
+
+    python scripts/summarize_finetune.py runs/finetune [OUT_DIR]
+
+Reads OUT/{pretrained,random}_n{N}_s{SEED}/ (finetune workdirs: test/report.json, test/predictions.csv and,
+for step 0 — with LP-FT the linear probe the fine-tune started from — test/start_predictions.csv) and, when
+present, OUT/probe_n{N}/report.json (evaluate), and writes OUT_DIR/finetune_table.md and
+OUT_DIR/finetune_curve.png (age MAE against labels: pretrained and random init fine-tuned, and the probe).
+Comparisons are paired per seed over the same test faces (absolute age error, 0/1 gender correctness;
+evaluation.bootstrap.paired_difference).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mefem_jax.evaluation.bootstrap import paired_difference
+
+RUN = re.compile(r"^(pretrained|random)_n(\d+|all)_s(\d+)$")
+
+
+def _runs(root: Path) -> dict[tuple[str, str, int], Path]:
+    found = {}
+    for d in sorted(root.iterdir()):
+        m = RUN.match(d.name)
+        if m and (d / "test" / "report.json").is_file():
+            found[(m.group(1), m.group(2), int(m.group(3)))] = d
+    return found
+
+
+def _metrics(workdir: Path, rows_key: str = "rows") -> dict | None:
+    report = json.loads((workdir / "test" / "report.json").read_text())
+    if rows_key not in report:
+        return None
+    by = {r["target"]: r for r in report[rows_key]}
+    return {"age_mae": by["age"]["metrics"]["mae"], "age_ci": by["age"]["intervals"]["mae"],
+            "gender_acc": by["gender"]["metrics"]["accuracy"], "gender_ci": by["gender"]["intervals"]["accuracy"],
+            "kept": report["kept_step"]}
+
+
+def _per_face(path: Path) -> dict[str, tuple[float, float]]:
+    """id -> (absolute age error, gender correct) of one predictions.csv."""
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            err = abs(float(row["age_pred"]) - float(row["age"])) if row["age"] != "" else np.nan
+            correct = float(row["gender_pred"] == row["gender"]) if row["gender"] != "" else np.nan
+            out[row["id"]] = (err, correct)
+    return out
+
+
+def _paired(a: Path, b: Path) -> str:
+    """'age MAE difference [CI] | gender accuracy difference (points) [CI]' of two predictions.csv, a - b."""
+    pa, pb = _per_face(a), _per_face(b)
+    ids = sorted(set(pa) & set(pb))
+    x, y = np.array([pa[i] for i in ids]), np.array([pb[i] for i in ids])
+    age = paired_difference(x[:, 0], y[:, 0])
+    gender = {k: 100 * v for k, v in paired_difference(x[:, 1], y[:, 1]).items()}
+    return (f"{age['difference']:+.2f} [{age['low']:+.2f}, {age['high']:+.2f}] | "
+            f"{gender['difference']:+.1f} [{gender['low']:+.1f}, {gender['high']:+.1f}]")
+
+
+def _probe(root: Path, n: str) -> dict | None:
+    """evaluate's linear probe of the pretrained encoder on the same labels (optional, PROBES=...)."""
+    path = root / f"probe_n{n}" / "report.json"
+    if not path.is_file():
+        return None
+    rows = {r["target"]: r for r in json.loads(path.read_text())["probes"] if r["features"] == "cls"}
+    return {"age_mae": rows["age"]["metrics"]["mae"], "age_ci": rows["age"]["intervals"]["mae"],
+            "gender_acc": rows["gender"]["metrics"]["accuracy"], "gender_ci": rows["gender"]["intervals"]["accuracy"]}
+
+
+def _ci(v: float, ci, scale: float = 1.0, digits: int = 2) -> str:
+    return f"{v * scale:.{digits}f} [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+
+
+def _order(n: str) -> float:
+    return float("inf") if n == "all" else float(n)
+
+
+def table(root: Path) -> tuple[str, dict]:
+    """Three tables: every model on the test split; pretrained vs random init, paired per seed; the
+    pretrained fine-tune against the linear probe it started from (LP-FT's step 0), paired."""
+    runs = _runs(root)
+    counts = sorted({n for _, n, _ in runs}, key=_order)
+    scores = ["| labels | seed | model | kept step | age MAE (y) | gender acc (%) |", "|---|---:|---|---:|---:|---:|"]
+    versus_random = ["| labels | seed | age MAE: pretrained − random (y) | gender acc: pretrained − random (pts) |",
+                     "|---|---:|---:|---:|"]
+    versus_probe = ["| labels | seed | age MAE: fine-tuned − its probe (y) | gender acc: fine-tuned − its probe (pts) |",
+                    "|---|---:|---:|---:|"]
+    curve: dict = {"pretrained": {}, "random": {}, "probe": {}}
+    for n in counts:
+        probe = _probe(root, n)
+        if probe:
+            scores.append(f"| {n} | – | linear probe (evaluate), pretrained | – | {_ci(probe['age_mae'], probe['age_ci'])} "
+                          f"| {_ci(probe['gender_acc'], probe['gender_ci'], 100, 1)} |")
+        for seed in sorted({s for _, m, s in runs if m == n}):
+            for init in ("pretrained", "random"):
+                if (init, n, seed) not in runs:
+                    continue
+                workdir = runs[(init, n, seed)]
+                start = _metrics(workdir, "start_rows") if init == "pretrained" else None
+                if start:
+                    curve["probe"].setdefault(n, []).append(start["age_mae"])
+                    scores.append(f"| {n} | {seed} | {init}: linear probe (step 0) | – | "
+                                  f"{_ci(start['age_mae'], start['age_ci'])} | "
+                                  f"{_ci(start['gender_acc'], start['gender_ci'], 100, 1)} |")
+                    versus_probe.append(f"| {n} | {seed} | " + _paired(workdir / "test" / "predictions.csv",
+                                                                      workdir / "test" / "start_predictions.csv") + " |")
+                m = _metrics(workdir)
+                curve[init].setdefault(n, []).append(m["age_mae"])
+                scores.append(f"| {n} | {seed} | {init}: fine-tuned | {m['kept']} | {_ci(m['age_mae'], m['age_ci'])} | "
+                              f"{_ci(m['gender_acc'], m['gender_ci'], 100, 1)} |")
+            if ("pretrained", n, seed) in runs and ("random", n, seed) in runs:
+                versus_random.append(f"| {n} | {seed} | " + _paired(
+                    runs[("pretrained", n, seed)] / "test" / "predictions.csv",
+                    runs[("random", n, seed)] / "test" / "predictions.csv") + " |")
+    text = "\n".join(["### Test split, every model", ""] + scores +
+                     ["", "### Pretrained against random init, paired over the test faces (95 % bootstrap)", ""]
+                     + versus_random +
+                     ["", "### The pretrained fine-tune against the linear probe it started from, paired", ""]
+                     + versus_probe)
+    return text + "\n", curve
+
+
+def plot(curve: dict, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    counts = sorted({n for series in curve.values() for n in series}, key=_order)
+    x = {n: i for i, n in enumerate(counts)}
+    styles = {"pretrained": ("C0", "o", "fine-tuned from pretrained"), "random": ("C3", "s", "fine-tuned from random init"),
+              "probe": ("C2", "^", "linear probe of pretrained (LP-FT step 0)")}
+    for name, (color, marker, label) in styles.items():
+        series = curve[name]
+        if not series:
+            continue
+        xs = [x[n] for n in counts if n in series]
+        means = [float(np.mean(series[n])) for n in counts if n in series]
+        ax.plot(xs, means, color=color, marker=marker, label=label)
+        for n in series:  # each seed as a dot
+            ax.scatter([x[n]] * len(series[n]), series[n], color=color, s=12, alpha=0.5)
+    ax.set_xticks(range(len(counts)))
+    ax.set_xticklabels(counts)
+    ax.set_xlabel("UTKFace train labels")
+    ax.set_ylabel("test age MAE (years)")
+    ax.set_title("Fine-tuning the :cpu encoder: pretrained vs random init")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str]) -> None:
+    root = Path(argv[1])
+    out = Path(argv[2]) if len(argv) > 2 else root
+    out.mkdir(parents=True, exist_ok=True)
+    text, curve = table(root)
+    (out / "finetune_table.md").write_text(text)
+    plot(curve, out / "finetune_curve.png")
+    print(text)
+    print(f"wrote {out / 'finetune_table.md'} and {out / 'finetune_curve.png'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
