@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import ExifTags, Image, ImageFilter, ImageOps
 
 from mefem_jax.data import decode
 from mefem_jax.data import manifest as manifest_lib
@@ -106,9 +106,18 @@ _MIRROR = (-1.0) ** np.arange(BLOCK)  # columns are horizontal frequencies: odd 
 
 def _high_pass(image: Image.Image) -> np.ndarray:
     """The image less its blur: the features (eyes, mouth, outline) without the lighting, whose low
-    frequencies would pull the match toward wherever the face is brightest."""
+    frequencies would pull the match toward wherever the face is brightest. float64 [H, W] of integers
+    (-255..255: both are 8-bit), cast and subtracted in one pass."""
     blurred = image.filter(ImageFilter.GaussianBlur(HIGH_PASS))
-    return np.asarray(image, np.float64) - np.asarray(blurred, np.float64)
+    return np.subtract(np.asarray(image), np.asarray(blurred), dtype=np.float64)
+
+
+def _window_sums(n: int, k: int) -> np.ndarray:
+    """[n, n + k - 1] float64, row i 1 over columns i..i+k-1: `sums @ x @ sums.T` sums each of the n x n
+    windows (k x k) of x. For an integer x (every partial sum below 2^53) the sums are exact, so they are the
+    same numbers whatever the order BLAS adds in: the same as summing each window on its own."""
+    offset = np.arange(n + k - 1)[None] - np.arange(n)[:, None]
+    return ((offset >= 0) & (offset < k)).astype(np.float64)
 
 
 def registration_template(mean_face: np.ndarray) -> np.ndarray:
@@ -119,7 +128,7 @@ def registration_template(mean_face: np.ndarray) -> np.ndarray:
     return (inner - inner.mean()) / inner.std()
 
 
-def _peak(scores: np.ndarray, i: int) -> float:
+def _peak(scores: list[float], i: int) -> float:
     """The sub-sample position of the maximum at `i`: the vertex of the parabola through it and its neighbours."""
     if 0 < i < len(scores) - 1:
         curvature = scores[i - 1] - 2 * scores[i] + scores[i + 1]
@@ -133,17 +142,27 @@ def face_box(gray: Image.Image, template: np.ndarray) -> tuple[float, float, flo
     width, height = gray.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
-    small = _high_pass(gray.resize((REGISTER_SIDE,) * 2, Image.BOX, box=(left, top, left + side, top + side)))
+    high = _high_pass(gray.resize((REGISTER_SIDE,) * 2, Image.BOX, box=(left, top, left + side, top + side)))
     m, s, k = REGISTER_MARGIN, REGISTER_SEARCH, REGISTER_SIDE - 2 * REGISTER_MARGIN
-    windows = np.lib.stride_tricks.sliding_window_view(small, (k, k))[m - s:m + s + 1, m - s:m + s + 1]
     # Normalised cross-correlation without a centred copy of every window: the template sums to zero, so
-    # a window's mean drops out of the numerator, and its variance is sum(w^2) - sum(w)^2 / n.
-    spread = np.einsum("ijkl,ijkl->ij", windows, windows) - windows.sum((-2, -1)) ** 2 / k ** 2
+    # a window's mean drops out of the numerator, and its variance is sum(w^2) - sum(w)^2 / n. `high` holds
+    # integers, so its window sums are exact (_window_sums): bit for bit what summing each window (an einsum
+    # over sliding windows, before) gives, at a tenth of the cost.
+    searched = high[m - s:m + s + k, m - s:m + s + k]
+    total = _WINDOW_SUMS @ searched @ _WINDOW_SUMS.T
+    spread = _WINDOW_SUMS @ (searched * searched) @ _WINDOW_SUMS.T - total ** 2 / k ** 2
+    # The numerator's products are not integers, so its rounding depends on the order of the sum: it stays
+    # this einsum on this view (numpy's kernel and order, as when the tables were fitted and every stored
+    # hash was made), so that no score moves by a rounding, which could move the box and so the hash.
+    # windows[i, j] is the k x k window at (m - s + i, m - s + j): sliding_window_view's view, made
+    # directly (its checks cost more than the view).
+    windows = np.lib.stride_tricks.as_strided(high[m - s:, m - s:], (2 * s + 1, 2 * s + 1, k, k), high.strides * 2)
     scores = np.einsum("ijkl,kl->ij", windows, template) / np.sqrt(np.maximum(spread, 1e-9))
-    iy, ix = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    iy, ix = divmod(int(np.argmax(scores)), 2 * s + 1)
+    rows = scores.tolist()  # Python floats: the same double arithmetic in _peak, without numpy's per-scalar cost
     px = side / REGISTER_SIDE
-    cx = left + side / 2 + (_peak(scores[iy], ix) - s) * px
-    cy = top + side / 2 + (_peak(scores[:, ix], iy) - s) * px
+    cx = left + side / 2 + (_peak(rows[iy], ix) - s) * px
+    cy = top + side / 2 + (_peak([row[ix] for row in rows], iy) - s) * px
     crop = FACE_CROP * side
     x0, y0 = min(max(cx - crop / 2, 0.0), width - crop), min(max(cy - crop / 2, 0.0), height - crop)
     return (x0, y0, x0 + crop, y0 + crop)
@@ -155,13 +174,16 @@ def dct_block(gray: Image.Image, box: tuple[float, float, float, float]) -> np.n
     return _DCT @ np.asarray(gray.resize((HASH_SIDE,) * 2, Image.BOX, box=box), np.float64) @ _DCT.T
 
 
+_WINDOW_SUMS = _window_sums(2 * REGISTER_SEARCH + 1, REGISTER_SIDE - 2 * REGISTER_MARGIN)
 _TEMPLATE = registration_template(np.frombuffer(base64.b64decode(_MEAN_FACE), np.uint8).reshape(32, 32))
 
 
-def _bits(block: np.ndarray, thresholds: np.ndarray) -> int:
-    bits = (block > thresholds).ravel()
-    bits[0] = False  # DC
-    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+def _bits(block: np.ndarray, thresholds: np.ndarray) -> tuple[int, int]:
+    """The hash of `block` and of its mirror image, each a 64-bit int: bit 63 - i is coefficient i (row-major)
+    above its threshold, the DC bit 0."""
+    bits = (np.stack([block, block * _MIRROR]) > thresholds).reshape(2, BLOCK * BLOCK)
+    bits[:, 0] = False  # DC
+    return tuple(int(v) for v in np.packbits(bits, axis=1).view(">u8").ravel())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,18 +208,27 @@ class FaceHash:
 def hash_image(image: Image.Image) -> FaceHash:
     """The fingerprints of an upright image of any mode (decoded here if it is not yet)."""
     rgb = decode.to_rgb(image)
-    pixels = hashlib.sha256(b"%dx%d:" % rgb.size + rgb.tobytes()).hexdigest()
+    pixels = hashlib.sha256(b"%dx%d:" % rgb.size)
+    pixels.update(rgb.tobytes())  # the digest of the concatenation, without copying the pixels into it
     gray = rgb.convert("L")
     block = dct_block(gray, face_box(gray, _TEMPLATE))
-    return FaceHash(pixels, _bits(block, _MEDIANS), _bits(block * _MIRROR, _MEDIANS))
+    return FaceHash(pixels.hexdigest(), *_bits(block, _MEDIANS))
+
+
+_TURNED = frozenset(range(2, 9))  # EXIF orientations that exif_transpose turns (1: upright)
 
 
 def hash_bytes(data: bytes) -> FaceHash:
     """The fingerprints of an encoded image (a file's bytes, a record's image); UNREADABLE if it is not one.
     Always decoded by PIL, whatever decoder training uses, so a hash never depends on the install."""
     image = Image.open(io.BytesIO(data))
-    try:
-        image = ImageOps.exif_transpose(image)  # upright, as the builder stores it
+    try:  # upright, as the builder stores it
+        # exif_transpose's own first two steps (decode, read the orientation), so that it is called only when
+        # there is something to turn: otherwise it returns a copy of the image, the same pixels, and the
+        # copy costs ~10 % of a hash. A step that raises leaves `image` as it is, as exif_transpose did.
+        image.load()
+        if image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNED:
+            image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block: the builder stores such an image as it is
         pass
     return hash_image(image)
