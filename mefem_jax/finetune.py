@@ -92,9 +92,12 @@ def _task(config, workdir, encoder_params, train, val, outputs) -> loop.Task:
             # Fitted on one augmented view per face, the views the fine-tune trains on: a probe fitted on
             # whole faces alone can lean on directions that a crop moves far, and start the fine-tune
             # with a loss orders of magnitude above the probe's (seen with random encoders).
-            features = step_lib.features(held["run"].pieces, encoder_params, train.images,
+            rows = np.arange(len(train))
+            if 0 < config.head.probe_rows < len(rows):
+                rows = np.sort(np.random.default_rng(config.seed).choice(rows, config.head.probe_rows, replace=False))
+            features = step_lib.features(held["run"].pieces, encoder_params, train.images[rows],
                                          int(config.eval.batch_size), augment=jax.random.PRNGKey(config.seed))
-            params["head"] = linear_head.fit_head(features, y_train, outputs, seed=config.seed)
+            params["head"] = linear_head.fit_head(features, y_train[rows], outputs, seed=config.seed)
             logging.info("head: a linear probe fitted on %d frozen feature rows (LP-FT)", len(features))
         return params
 

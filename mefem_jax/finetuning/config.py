@@ -12,7 +12,9 @@ Where the numbers come from:
 * **The head on CLS** (`head.readout='mean'` for mean-pooled patches, MAE's global_pool), regression
   targets standardised (finetuning/outputs.py).
 * **LP-FT** (`head.init='probe'`, the default): the head starts as a linear probe fitted on the frozen
-  features (Kumar et al. 2022); `head.init='zero'` is MAE's near-zero head.
+  features (Kumar et al. 2022) of at most `head.probe_rows` train faces (4,096: a linear probe of a
+  ViT-S/B feature is settled well before that, and the fine-tune then sees every face); `head.init='zero'`
+  is MAE's near-zero head.
 * **Crop and flip**: the pretraining pipeline's random-resized crop (0.3-1 of the face) and flip, in the
   step. MAE also uses RandAugment, mixup and cutmix, which are made for object classes, not faces.
 * **Age-balanced sampling** (`data.balance='age:10'`): FAHR-FaceAge's inverse-frequency balancing.
@@ -41,7 +43,8 @@ def default_finetune_config() -> ml_collections.ConfigDict:
     c.init = ""                    # the encoder: anything encoders.load_encoder reads (run, step, export, .pth.tar)
     c.target = "age:regression"    # evaluate's --targets grammar; regression and classification
     c.drop_path = 0.1
-    c.head = dict(readout="cls", init="probe")
+    # probe_rows: LP-FT fits the starting head on at most this many train faces (a fixed random sample; 0 = all)
+    c.head = dict(readout="cls", init="probe", probe_rows=4096)
     c.model = default_model_config()  # replaced by the encoder's at start-up
     c.model.scan_layers = False       # drop path and layer decay need the blocks unrolled
     c.optim = optim.default_optim_config()
@@ -87,6 +90,8 @@ FINETUNE_RULES = (
     checks.in_range("optim.layer_decay", lo=0, hi=1, closed_lo=False),
     checks.one_of("head.readout", READOUTS),
     checks.one_of("head.init", HEAD_INITS),
+    checks.Rule(("head.probe_rows",), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                "an integer >= 0 (0: every train face)"),
 )
 
 
