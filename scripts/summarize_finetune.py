@@ -54,6 +54,11 @@ def _per_face(path: Path) -> dict[str, tuple[float, float]]:
     return out
 
 
+def _lp_ft(workdir: Path) -> bool:
+    """Whether the run started from a fitted linear probe (head.init=probe), so that its step 0 is one."""
+    return json.loads((workdir / "config.json").read_text())["head"]["init"] == "probe"
+
+
 def _paired(a: Path, b: Path) -> str:
     """'age MAE difference [CI] | gender accuracy difference (points) [CI]' of two predictions.csv, a - b."""
     pa, pb = _per_face(a), _per_face(b)
@@ -104,7 +109,7 @@ def table(root: Path) -> tuple[str, dict]:
                 if (init, n, seed) not in runs:
                     continue
                 workdir = runs[(init, n, seed)]
-                start = _metrics(workdir, "start_rows") if init == "pretrained" else None
+                start = _metrics(workdir, "start_rows") if init == "pretrained" and _lp_ft(workdir) else None
                 if start:
                     curve["probe"].setdefault(n, []).append(start["age_mae"])
                     scores.append(f"| {n} | {seed} | {init}: linear probe (step 0) | – | "

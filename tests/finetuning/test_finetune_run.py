@@ -31,7 +31,8 @@ def _spec(labels, split):
 
 
 def _overrides(labels, **more):
-    return {"init": TINY_SPEC, "target": TARGETS, "data.train": _spec(labels, "train"),
+    # head.init=probe: the LP-FT path (features of augmented views, the fitted head) is the one with more to test
+    return {"init": TINY_SPEC, "target": TARGETS, "head.init": "probe", "data.train": _spec(labels, "train"),
             "data.val": _spec(labels, "val"), "data.test": _spec(labels, "test"), "total_steps": 4,
             "data.batch_size": 8, "eval.every_steps": 2, "eval.batch_size": 8, "checkpoint.every_steps": 2,
             "log_every": 1, **more}
