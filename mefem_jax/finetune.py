@@ -43,12 +43,17 @@ from mefem_jax.finetuning.config import validate
 from mefem_jax.training import loop, sharding
 from mefem_jax.weights import encoders
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/finetune.py[:cpu].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (metrics, checkpoints, best/, test/).")
-_ALLOW_CHANGE = flags.DEFINE_list(
-    "allow_config_change", [], "Config keys a resume may change although that changes what its steps compute; "
-    "each change is recorded in WORKDIR/config_history.jsonl.")
+_FLAGS = {}  # defined only when this file runs as a program (_define_flags)
+
+
+def _define_flags():
+    # Not at import: tests import finetune() beside train, and absl refuses a flag (--config) defined twice.
+    _FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", None, "Config file, e.g. configs/finetune.py[:cpu].", lock_config=True)
+    _FLAGS["workdir"] = flags.DEFINE_string("workdir", None, "Output folder (metrics, checkpoints, best/, test/).")
+    _FLAGS["allow"] = flags.DEFINE_list(
+        "allow_config_change", [], "Config keys a resume may change although that changes what its steps "
+        "compute; each change is recorded in WORKDIR/config_history.jsonl.")
 
 
 def finetune(config, workdir: str | Path, allow_config_change=()) -> dict:
@@ -155,9 +160,9 @@ def _score_test(config, workdir, outputs) -> list[dict]:
 def main(argv):
     del argv
     loop.quiet_checkpoint_logs()
-    if _WORKDIR.value is None:
+    if _FLAGS["workdir"].value is None:
         raise app.UsageError("--workdir is required")
-    summary = finetune(_CONFIG.value, _WORKDIR.value, _ALLOW_CHANGE.value)
+    summary = finetune(_FLAGS["config"].value, _FLAGS["workdir"].value, _FLAGS["allow"].value)
     preempted = summary.pop("preempted", False)
     test = {row["target"]: row.get("metrics") for row in summary.get("test", [])}
     print(json.dumps(dict({k: summary[k] for k in ("step", "best_step") if k in summary}, test=test,
@@ -166,4 +171,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run("finetune", main, _CONFIG)
+    _define_flags()
+    cli.run("finetune", main, _FLAGS["config"])
