@@ -146,8 +146,9 @@ def _score_test(config, workdir, outputs) -> list[dict]:
     y_test = outputs_lib.encode_labels(outputs, test.labels)
     scored = {}
     for which in (best_lib.BEST, best_lib.START):
-        if which == best_lib.START and not (best_lib.folder(workdir).with_name(which) / "best.json").is_file():
-            continue  # a run resumed from a workdir written before step 0 was kept
+        if which == best_lib.START and (config.head.init != "probe" or not
+                                        (best_lib.folder(workdir).with_name(which) / "best.json").is_file()):
+            continue  # step 0 is worth scoring only as LP-FT's probe (and exists only if that step was kept)
         params, kept = best_lib.load(workdir, which)
         logits = step_lib.in_batches(predict, params, test.images, int(config.eval.batch_size))
         scored[which] = (kept, scoring.test_rows(outputs, logits, y_test, seed=config.seed),

@@ -92,7 +92,7 @@ def check_columns(targets: list[Target], available: list[str], where: str) -> No
                               f"{sorted(available)}{hint}")
 
 
-def _missing(values: np.ndarray) -> np.ndarray:
+def missing_labels(values: np.ndarray) -> np.ndarray:
     """Empty strings and NaN are missing labels."""
     if values.dtype.kind in "US":
         stripped = np.char.strip(values.astype(str))
@@ -129,7 +129,7 @@ def class_labels(values: np.ndarray) -> np.ndarray:
 def _probe_rows(target: Target, labels: dict[str, np.ndarray], where: str):
     """The rows of one split that `target` can use: (mask over the rows, the label arrays of those rows
     (float64 for numeric kinds), {"missing": n, "nonfinite": n} rows left out)."""
-    keep = ~np.any([_missing(labels[c]) for c in target.columns], axis=0)
+    keep = ~np.any([missing_labels(labels[c]) for c in target.columns], axis=0)
     values = [labels[c][keep] for c in target.columns]
     dropped = {"missing": int((~keep).sum()), "nonfinite": 0}
     if target.kind != "classification":

@@ -25,7 +25,7 @@ from absl import logging
 
 from mefem_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from mefem_jax.evaluation.data import DataSpecError, open_eval_data
-from mefem_jax.evaluation.targets import numeric
+from mefem_jax.evaluation.targets import missing_labels, numeric
 
 
 @dataclasses.dataclass
@@ -96,8 +96,7 @@ def parse_balance(text: str) -> tuple[str, float] | None:
 
 def balance_bins(values: np.ndarray, width: float, column: str) -> list[np.ndarray]:
     """Row indices per occupied bin of `width`, rows with a missing or non-finite value left out."""
-    text = values.astype(str)
-    present = ~np.isin(np.char.lower(np.char.strip(text)), ["", "nan"])
+    present = ~missing_labels(values)
     y = np.full(len(values), np.nan)
     y[present] = numeric(values[present], column, "data.balance")
     rows = np.flatnonzero(np.isfinite(y))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mefem_jax.evaluation.targets import Target, TargetError, class_labels, numeric, parse_targets
+from mefem_jax.evaluation.targets import Target, TargetError, class_labels, missing_labels, numeric, parse_targets
 
 KINDS = ("regression", "classification")
 
@@ -60,15 +60,6 @@ def parse_fine_tune_targets(text: str) -> list[Target]:
     return targets
 
 
-def _missing(values: np.ndarray) -> np.ndarray:
-    if values.dtype.kind in "US":
-        text = np.char.lower(np.char.strip(values.astype(str)))
-        return (text == "") | (text == "nan")
-    if values.dtype.kind == "f":
-        return ~np.isfinite(values)
-    return np.zeros(values.shape, bool)
-
-
 def plan_outputs(targets: Sequence[Target], labels: dict[str, np.ndarray], where: str = "train") -> tuple[Output, ...]:
     """The head's columns, from the train split's labels; a target with nothing to learn is refused."""
     outputs, index = [], 0
@@ -77,7 +68,7 @@ def plan_outputs(targets: Sequence[Target], labels: dict[str, np.ndarray], where
         if column not in labels:
             raise TargetError(f"target column {column!r} is not in the {where} data; its labels are "
                               f"{sorted(k for k in labels if k not in ('image', 'id'))}")
-        values = labels[column][~_missing(labels[column])]
+        values = labels[column][~missing_labels(labels[column])]
         if len(values) == 0:
             raise TargetError(f"target {column!r}: no labelled rows in the {where} split")
         if target.kind == "regression":
@@ -109,13 +100,13 @@ def encode_labels(outputs: Sequence[Output], labels: dict[str, np.ndarray]) -> n
     encoded = np.full((n, len(outputs)), np.nan, np.float32)
     for j, out in enumerate(outputs):
         values = labels[out.name]
-        present = ~_missing(values)
+        present = ~missing_labels(values)
         if out.kind == "regression":
             y = np.full(n, np.nan)
             y[present] = numeric(values[present], out.name, "labelled")
             encoded[:, j] = (y - out.mean) / out.std
         else:
-            text = np.where(present, class_labels(np.where(present, values, "")), "")
+            text = np.where(present, class_labels(values), "")  # typed (float) labels: 1.0 is class "1"
             lookup = {c: i for i, c in enumerate(out.classes)}
             encoded[:, j] = [lookup.get(t, np.nan) for t in text.tolist()]
     return encoded
