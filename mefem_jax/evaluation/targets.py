@@ -126,7 +126,7 @@ def class_labels(values: np.ndarray) -> np.ndarray:
     return np.char.strip(values.astype(str))
 
 
-def _probe_rows(target: Target, labels: dict[str, np.ndarray], where: str):
+def probe_rows(target: Target, labels: dict[str, np.ndarray], where: str):
     """The rows of one split that `target` can use: (mask over the rows, the label arrays of those rows
     (float64 for numeric kinds), {"missing": n, "nonfinite": n} rows left out)."""
     keep = ~np.any([missing_labels(labels[c]) for c in target.columns], axis=0)
@@ -146,8 +146,8 @@ def probe_target(target: Target, train, test, feature: str, seed: int = 0,
     """Fit and score one probe. `train` / `test` are `embeddings.Embeddings`. Returns the report
     row (JSON-ready) and the raw result (for plots). `intervals`: add bootstrap 95 % intervals of
     the headline metrics over the test rows (bootstrap.py) as row["intervals"]."""
-    keep_train, y_train, dropped_train = _probe_rows(target, train.labels, "train")
-    keep_test, y_test, dropped_test = _probe_rows(target, test.labels, "test")
+    keep_train, y_train, dropped_train = probe_rows(target, train.labels, "train")
+    keep_test, y_test, dropped_test = probe_rows(target, test.labels, "test")
     row: dict[str, Any] = {"target": target.name, "kind": target.kind, "features": feature,
                            "n_train": int(keep_train.sum()), "n_test": int(keep_test.sum())}
     for reason in ("missing", "nonfinite"):
