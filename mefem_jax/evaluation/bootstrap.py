@@ -79,3 +79,22 @@ def paired_difference(per_row_a: np.ndarray, per_row_b: np.ndarray, n_boot: int 
     idx = _resamples(len(a), n_boot, seed)
     lo, hi = _percentiles((a - b)[idx].mean(1), level)
     return {"difference": float((a - b).mean()), "low": lo, "high": hi}
+
+
+def unpaired_difference(per_row_a: np.ndarray, per_row_b: np.ndarray, n_boot: int = N_BOOT, seed: int = 0,
+                        level: float = LEVEL) -> dict[str, float]:
+    """mean(a) - mean(b) over two disjoint sets of rows (two subgroups), with its percentile-bootstrap
+    interval.
+
+    Each set is resampled on its own, at its own size (a stratified bootstrap): the groups are
+    separate samples of faces, so there is no pairing to keep, and every replicate holds exactly as
+    many faces of each group as the test set does.
+    """
+    a, b = np.asarray(per_row_a, np.float64), np.asarray(per_row_b, np.float64)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError(f"both groups need rows, got {len(a)} and {len(b)}")
+    rng = np.random.default_rng(seed)
+    mean_a = a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(1)
+    mean_b = b[rng.integers(0, len(b), size=(n_boot, len(b)))].mean(1)
+    lo, hi = _percentiles(mean_a - mean_b, level)
+    return {"difference": float(a.mean() - b.mean()), "low": lo, "high": hi}
