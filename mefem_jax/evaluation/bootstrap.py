@@ -11,7 +11,7 @@ are for).
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from scipy.stats import rankdata
 
 N_BOOT = 1000
 LEVEL = 0.95
@@ -45,22 +45,40 @@ def regression_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int = N
             "r2": _percentiles(r2, level)}
 
 
-def _auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    present = np.unique(y_true)
-    if len(present) < 2:
-        return float("nan")
+def _rank_auc(positive: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """ROC-AUC of every row of [n_boot, n] resampled labels and scores at once, by the Mann-Whitney rank
+    sum with tied scores sharing their average rank: what roc_auc_score's trapezoids give, without a
+    Python loop over the resamples (one call per resample cost ~4.5 ms, seconds per interval). NaN for a
+    row without both positives and negatives."""
+    ranks = rankdata(score, method="average", axis=1)
+    n_pos = positive.sum(1)
+    n_neg = positive.shape[1] - n_pos
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = ((ranks * positive).sum(1) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def _resampled_aucs(y_true: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """[n_boot] ROC-AUC as probes.classification_metrics computes it: the positive class's for two
+    classes, else the macro one-vs-rest mean over the classes present in each resample."""
+    y, s = y_true[idx], scores[idx]
     if scores.shape[1] == 2:
-        return float(roc_auc_score(y_true, scores[:, 1]))
-    return float(np.mean([roc_auc_score(y_true == c, scores[:, c]) for c in present]))
+        return _rank_auc(y == 1, s[..., 1])
+    per_class = np.stack([_rank_auc(y == c, s[..., c]) for c in range(scores.shape[1])], axis=1)
+    present = np.stack([(y == c).any(1) for c in range(scores.shape[1])], axis=1)
+    with np.errstate(invalid="ignore"):
+        macro = np.nansum(np.where(present, per_class, 0.0), axis=1) / present.sum(1)
+    return np.where(present.sum(1) >= 2, macro, np.nan)
 
 
 def classification_intervals(y_true: np.ndarray, scores: np.ndarray, n_boot: int = N_BOOT, seed: int = 0,
                              level: float = LEVEL) -> dict[str, list[float]]:
     """Intervals of accuracy and ROC-AUC (macro one-vs-rest over the classes present, as probes.py)."""
     y_true = np.asarray(y_true)
+    scores = np.asarray(scores, np.float64)
     idx = _resamples(len(y_true), n_boot, seed)
     correct = (np.argmax(scores, axis=1) == y_true).astype(np.float64)
-    aucs = np.array([_auc(y_true[i], scores[i]) for i in idx])
+    aucs = _resampled_aucs(y_true, scores, idx)
     return {"accuracy": _percentiles(correct[idx].mean(1), level), "roc_auc": _percentiles(aucs, level)}
 
 

@@ -121,6 +121,29 @@ def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_n():
     assert 0.5 < ci["roc_auc"][0] <= ci["roc_auc"][1] <= 1.0
 
 
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_bootstrap_auc_equals_sklearn_on_every_resample(n_classes):
+    """The vectorised rank-sum AUC against roc_auc_score resample by resample, with tied scores, a class
+    missing from some resamples (4 classes, one rare) and resamples holding a single class (n = 3)."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(n_classes)
+    for n in (60, 3):
+        y = rng.choice(n_classes, n, p=[0.5, 0.5] if n_classes == 2 else [0.45, 0.3, 0.22, 0.03])
+        scores = np.round(rng.dirichlet(np.ones(n_classes), n) + 0.3 * np.eye(n_classes)[y], 1)  # ties
+        idx = bootstrap._resamples(n, 50, seed=3)
+        fast = bootstrap._resampled_aucs(y, scores, idx)
+        for row, i in zip(fast, idx):
+            present = np.unique(y[i])
+            if len(present) < 2:
+                assert np.isnan(row)
+            elif n_classes == 2:
+                assert row == pytest.approx(roc_auc_score(y[i], scores[i, 1]), abs=1e-12)
+            else:
+                assert row == pytest.approx(np.mean([roc_auc_score(y[i] == c, scores[i, c]) for c in present]),
+                                            abs=1e-12)
+
+
 def test_paired_difference_is_narrower_than_unpaired_and_centred_on_the_gap():
     rng = np.random.default_rng(1)
     hardness = rng.exponential(10.0, 2000)  # per-face difficulty both encoders share
