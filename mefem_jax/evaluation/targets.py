@@ -12,6 +12,12 @@ column; survival takes two, the follow-up time then the event flag (1 = event, 0
 width, nose length, ... each over the inter-ocular distance), so any folder built with landmark
 labels, or its landmark_labels.csv, yields an anthropometric benchmark in one run.
 
+    --targets=landmarks                the 68 points of `build_shards --landmark_labels`, one probe
+    --targets=landmarks,age:regression
+
+`landmarks` is one target of its own kind: a single multi-output probe of the 136 point coordinates
+(landmark_points.COLUMNS), scored as face alignment is (NME, failure rate; evaluation/landmarks.py).
+
 A row whose label is empty (or NaN) for a target is left out of that target's probe and counted
 (`n_missing_*` in the report); so is, in a regression or survival column, a value that is not finite
 (inf, -inf, or a number too large for a float such as 1e400), counted apart (`n_nonfinite_*`, and a
@@ -28,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from mefem_jax.data.shards.face_proportions import NAMES as PROPORTIONS
+from mefem_jax.data.shards.landmark_points import COLUMNS as LANDMARK_COLUMNS
 from mefem_jax.evaluation import bootstrap
 from mefem_jax.evaluation.probes import ProbeError, fit_classification_probe, fit_regression_probe
 from mefem_jax.evaluation.survival import SurvivalError, fit_survival_probe
@@ -35,6 +42,7 @@ from mefem_jax.evaluation.survival import SurvivalError, fit_survival_probe
 KINDS = {"regression": 1, "classification": 1, "survival": 2}  # kind -> number of columns
 # Names that stand for several targets at once.
 PRESETS = {"anthropometry": tuple((name, "regression") for name in PROPORTIONS)}
+LANDMARKS = "landmarks"  # the name and the kind of the landmark target (evaluation/landmarks.py)
 
 
 class TargetError(ValueError):
@@ -48,7 +56,7 @@ class Target:
 
     @property
     def name(self) -> str:
-        return ",".join(self.columns)
+        return LANDMARKS if self.kind == LANDMARKS else ",".join(self.columns)
 
 
 def parse_targets(text: str) -> list[Target]:
@@ -58,6 +66,9 @@ def parse_targets(text: str) -> list[Target]:
             raise TargetError(f"--targets={text!r}: empty entry")
         if token in PRESETS and not pending:
             targets += [Target(kind, (column,)) for column, kind in PRESETS[token]]
+            continue
+        if token == LANDMARKS and not pending:
+            targets.append(Target(LANDMARKS, LANDMARK_COLUMNS))
             continue
         name, sep, kind = token.rpartition(":")
         if not sep:
@@ -86,10 +97,22 @@ def check_columns(targets: list[Target], available: list[str], where: str) -> No
     for t in targets:
         unknown = [c for c in t.columns if c not in available]
         if unknown:
-            hint = ("; facial proportions come from `build_shards --landmark_labels` (its shards, or "
-                    "landmark_labels.csv)" if set(unknown) <= set(PROPORTIONS) else "")
-            raise TargetError(f"target column(s) {unknown} not in the {where} data; its labels are "
-                              f"{sorted(available)}{hint}")
+            what = ("facial proportions" if set(unknown) <= set(PROPORTIONS) else
+                    "the 68 landmark points" if set(unknown) <= set(LANDMARK_COLUMNS) else None)
+            hint = (f"; {what} come from `build_shards --landmark_labels` (its shards, or landmark_labels.csv)"
+                    if what else "")
+            raise TargetError(f"target column(s) {_shown(unknown)} not in the {where} data; its labels are "
+                              f"{_shown(available)}{hint}")
+
+
+def _shown(columns: list[str]) -> list[str]:
+    """Sorted column names for a message, the 136 landmark point columns (if any) as one entry."""
+    points = set(columns) & set(LANDMARK_COLUMNS)
+    rest = sorted(c for c in columns if c not in points)
+    if not points:
+        return rest
+    first = next(c for c in LANDMARK_COLUMNS if c in points)
+    return rest + [f"{len(points)} landmark point columns ({first} ...)"]
 
 
 def missing_labels(values: np.ndarray) -> np.ndarray:

@@ -16,8 +16,10 @@ other CSV column as a typed label. What is written:
 * From raw photos (the `landmarks` extra): --align finds the face (dlib's HOG detector and 68-point
   landmarks), turns the photo so the eyes are level and crops it to --align_size with the framing
   of face_align.py (the UTKFace crops'); --landmark_labels adds the facial proportions of
-  face_proportions.py as float labels and writes OUT/landmark_labels.csv (file, the CSV's labels,
-  the proportions) for `evaluate --targets=anthropometry`. Photos without a usable face are
+  face_proportions.py and the 68 points, in the frame of the image stored (landmark_points.py:
+  lm00_x ... lm67_y), as float labels and writes OUT/landmark_labels.csv (file, the CSV's labels,
+  the proportions, the points) for `evaluate --targets=anthropometry` and `--targets=landmarks`
+  (with --align the points are the crops', which only the shards hold). Photos without a usable face are
   skipped with the reason (no face found, several faces with --faces=skip, a poor landmark fit
   with --poor_fit=skip, a face too small for the framing). The landmark model was trained on
   iBUG 300-W: non-commercial research use only.
@@ -82,6 +84,7 @@ from mefem_jax.data import records
 from mefem_jax.data.shards import face_align
 from mefem_jax.data.shards import face_landmarks
 from mefem_jax.data.shards import face_proportions
+from mefem_jax.data.shards import landmark_points
 from mefem_jax.data.shards import quality
 from mefem_jax.data.shards.plan import BuildOptions, Row, plan_rows
 from mefem_jax.data.shards.writer import (STATUS_DIR, SharedFd, ShardJob, check_out_folder, die_with_parent,
@@ -278,6 +281,10 @@ def _face_sections(opts: BuildOptions, rows: list[Row], schema: dict, statuses: 
             "names": list(face_proportions.NAMES), "csv": LANDMARK_CSV,
             "definition": "each a length over the inter-ocular distance; formulas in "
                           "mefem_jax/data/shards/face_proportions.py",
+            "points": list(landmark_points.COLUMNS),
+            "points_definition": "the 68 points (dlib's layout, 0-based) in units of the side of the stored "
+                                 "image's centred square, from its top-left corner; "
+                                 "mefem_jax/data/shards/landmark_points.py",
             "licence": face_landmarks.LICENCE}
     return out
 
@@ -336,9 +343,10 @@ def _define_flags(fv) -> None:
                       "keep the largest, or skip the photo.", flag_values=fv)
     flags.DEFINE_enum("poor_fit", "skip", list(face_align.FIT_POLICIES), "Landmarks that do not make a "
                       "plausible face: skip the photo, or keep it.", flag_values=fv)
-    flags.DEFINE_bool("landmark_labels", False, "Add facial proportions (face_proportions.py) as labels and "
-                      f"write OUT/{LANDMARK_CSV}. Needs the landmarks extra; its 68-point model is for "
-                      "NON-COMMERCIAL use only (trained on iBUG 300-W).", flag_values=fv)
+    flags.DEFINE_bool("landmark_labels", False, "Add facial proportions (face_proportions.py) and the 68 "
+                      f"points (landmark_points.py) as labels and write OUT/{LANDMARK_CSV}. Needs the landmarks "
+                      "extra; its 68-point model is for NON-COMMERCIAL use only (trained on iBUG 300-W).",
+                      flag_values=fv)
     flags.DEFINE_enum("dedup", "exact", list(face_hash.DEDUP_MODES), "Duplicates within the build: exact "
                       "(identical pixels), near (perceptual hash within --dedup_distance, mirror images "
                       "included) or off; the first copy is kept, the others listed in the manifest.",

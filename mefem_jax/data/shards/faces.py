@@ -1,5 +1,6 @@
 """The shard builder's face step: find the face in a photo, align it (--align) and measure its
-proportions (--landmark_labels), following the policies of `face_align`.
+proportions and keep its 68 points in the stored image's frame (--landmark_labels: face_proportions.py,
+landmark_points.py), following the policies of `face_align`.
 
 The landmarks come from dlib's 68-point model, trained on iBUG 300-W: non-commercial research use
 only (face_landmarks.LICENCE); the manifest of every build that used it says so.
@@ -11,7 +12,7 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from mefem_jax.data.shards import face_align, face_landmarks, face_proportions
+from mefem_jax.data.shards import face_align, face_landmarks, face_proportions, landmark_points
 from mefem_jax.data.shards.plan import BuildOptions
 
 
@@ -22,7 +23,7 @@ class NoUsableFace(Exception):
 @dataclasses.dataclass(frozen=True)
 class FoundFace:
     aligned: Image.Image | None   # the aligned crop (--align), else None: the photo is stored
-    labels: dict                  # the proportion labels (--landmark_labels), else {}
+    labels: dict                  # proportions and points (--landmark_labels), else {}
     faces_found: int              # faces detected in the photo
     points: np.ndarray            # [68, 2] landmarks in the photo's pixels
 
@@ -56,13 +57,18 @@ def face_step(photo: Image.Image, opts: BuildOptions) -> FoundFace:
     if problem and opts.poor_fit == "skip":
         raise NoUsableFace(problem + " (--poor_fit=skip)")
     points, aligned = face.points, None
+    framing = face_align.Framing(size=opts.align_size)
     if opts.align:
-        framing = face_align.Framing(size=opts.align_size)
         try:
             aligned = face_align.align(photo, points, framing)
             points = _refit(finder, aligned, face, framing)
             aligned = face_align.align(photo, points, framing)
         except ValueError as err:  # too small for the framing
             raise NoUsableFace(str(err)) from None
-    labels = face_proportions.proportions(points) if opts.landmark_labels else {}
+    labels = {}
+    if opts.landmark_labels:
+        # The points go in the frame of the image stored (and so seen by the encoder): the crop when aligned.
+        stored, image = (points, photo) if aligned is None else (face_align.aligned_points(points, framing),
+                                                                 aligned)
+        labels = {**face_proportions.proportions(points), **landmark_points.point_labels(stored, *image.size)}
     return FoundFace(aligned, labels, len(faces), points)

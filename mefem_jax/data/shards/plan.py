@@ -12,7 +12,7 @@ import os
 from mefem_jax.data import csv_text
 from mefem_jax.data import face_hash
 from mefem_jax.data import records
-from mefem_jax.data.shards import face_proportions
+from mefem_jax.data.shards import face_proportions, landmark_points
 from mefem_jax.data.shards import quality
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -39,7 +39,7 @@ class BuildOptions:
     align_size: int = 224          # side of the aligned crop
     faces: str = "largest"         # several faces in a photo: face_align.FACE_POLICIES
     poor_fit: str = "skip"         # implausible landmarks: face_align.FIT_POLICIES
-    landmark_labels: bool = False  # add face_proportions.NAMES as float labels
+    landmark_labels: bool = False  # add face_proportions.NAMES and landmark_points.COLUMNS as float labels
     dedup: str = "exact"           # duplicates within the build: face_hash.DEDUP_MODES
     dedup_distance: int = face_hash.NEAR_DISTANCE  # the Hamming distance of dedup="near"
     min_face_px: float = 0.0       # quality filters (quality.py), each 0 for off: the face's size,
@@ -65,6 +65,8 @@ class BuildOptions:
         if self.uses_faces:
             keys += ["align", "align_size", "faces", "poor_fit", "landmark_labels"]
         options = {k: getattr(self, k) for k in keys}
+        if self.landmark_labels:  # the 68 points joined the labels (landmark_points.py)
+            options["landmark_points"] = landmark_points.VERSION
         if self.dedup != "off":  # another hash (face_hash.HASH_VERSION) may find other duplicates
             options.update(dedup=self.dedup, hash_version=face_hash.HASH_VERSION)
             if self.dedup == "near":
@@ -114,11 +116,12 @@ def plan_rows(opts: BuildOptions) -> tuple[list[Row], list[dict], dict[str, str]
     else:
         rows, skipped, schema, unlisted = _plan_from_csv(opts, set(on_disk))
     if opts.landmark_labels:
-        clash = sorted(set(schema) & set(face_proportions.NAMES))
+        added = face_proportions.NAMES + landmark_points.COLUMNS
+        clash = sorted(set(schema) & set(added))
         if clash:
             raise ValueError(f"label columns {clash} of {opts.labels} have the names of landmark "
                              "labels; drop them with --label_columns")
-        schema = {**schema, **{n: "float" for n in face_proportions.NAMES}}
+        schema = {**schema, **{n: "float" for n in added}}
     return rows, skipped, schema, unlisted
 
 
