@@ -27,8 +27,9 @@ host overlaps the device's work.
 
 The cache (`cached_embeddings`) stores features, ids and labels in one `.npz` named by a hash of
 everything that determines them: the model's identity (path + modification time + size of the
-weights, or the random-init spec), its config, the data's identity (spec, CSV / shard stamps),
-the image size and the pixel-baseline size.
+weights, or the random-init spec; for a timm model, embedded by its own `embed` (timm_encoder.py): its
+architecture, options, preprocessing and the timm / torch versions), its config, the data's identity
+(spec, CSV / shard stamps), the image size and the pixel-baseline size.
 """
 from __future__ import annotations
 
@@ -202,7 +203,9 @@ def compute_embeddings(encoder: ViT, params, data, pixel_size: int = PIXEL_SIZE,
 
 def cache_key(model_identity: dict, model_cfg, data_identity: dict, pixel_size: int,
               grid_size: int = GRID_SIZE) -> str:
-    payload = {"version": CACHE_VERSION, "model": model_identity, "model_cfg": model_cfg.to_dict(),
+    """`model_cfg`: our encoder's config, or None for a timm model (its identity holds its architecture)."""
+    payload = {"version": CACHE_VERSION, "model": model_identity,
+               "model_cfg": None if model_cfg is None else model_cfg.to_dict(),
                "data": data_identity, "pixel_size": pixel_size, "grid_size": grid_size}
     blob = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -211,16 +214,24 @@ def cache_key(model_identity: dict, model_cfg, data_identity: dict, pixel_size: 
 def cached_embeddings(model, data, cache_dir: str | Path | None = None, pixel_size: int = PIXEL_SIZE,
                       grid_size: int = GRID_SIZE) -> tuple[Embeddings, Path | None, bool]:
     """(embeddings, cache file or None, whether it was a cache hit). `model` is a
-    `encoders.LoadedEncoder`; `cache_dir=None` disables the cache."""
+    `encoders.LoadedEncoder` (our jitted forward) or a `timm_encoder.TimmEncoder` (its torch forward,
+    `embed`); `cache_dir=None` disables the cache."""
+    model_cfg = getattr(model, "model_cfg", None)  # a TimmEncoder has none
+
+    def compute() -> Embeddings:
+        if model_cfg is None:
+            return model.embed(data, pixel_size, grid_size)
+        return compute_embeddings(model.encoder, model.params, data, pixel_size, grid_size)
+
     if cache_dir is None:
-        return compute_embeddings(model.encoder, model.params, data, pixel_size, grid_size), None, False
-    key = cache_key(model.identity, model.model_cfg, data.identity(), pixel_size, grid_size)
+        return compute(), None, False
+    key = cache_key(model.identity, model_cfg, data.identity(), pixel_size, grid_size)
     path = Path(cache_dir) / f"emb-{key}.npz"
     if path.is_file():
         try:
             return Embeddings.load(path), path, True
         except (OSError, ValueError, KeyError) as err:  # a damaged entry is recomputed, not fatal
             logger.warning("ignoring unreadable cache file %s: %s", path, err)
-    emb = compute_embeddings(model.encoder, model.params, data, pixel_size, grid_size)
+    emb = compute()
     emb.save(path)
     return emb, path, False
