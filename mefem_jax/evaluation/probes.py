@@ -66,6 +66,9 @@ class ProbeResult:
     y_pred: np.ndarray                  # predictions (values, or class indices)
     scores: np.ndarray | None = None    # classification: [n_test, n_classes] probabilities
     classes: list[Any] = field(default_factory=list)
+    # The fitted estimator (scaler + ridge / logistic pipeline), for readouts of the probe beyond the
+    # test split (saliency.py's linear map); its predictions are unclipped, unlike y_pred.
+    model: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +139,7 @@ def fit_regression_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.nd
     pred = np.clip(model.predict(x_test), y_train.min(), y_train.max())  # see the module docstring
     alpha = float(model[-1].alpha_)
     return ProbeResult(metrics=regression_metrics(y_test, pred), penalty={"alpha": alpha},
-                       y_true=np.asarray(y_test, np.float64), y_pred=pred)
+                       y_true=np.asarray(y_test, np.float64), y_pred=pred, model=model)
 
 
 def encode_classes(y_train: np.ndarray, y_test: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
@@ -200,4 +203,5 @@ def fit_classification_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: n
     scores = model.predict_proba(scaler.transform(x_test))  # columns 0..C-1: train has every class
     return ProbeResult(metrics=classification_metrics(test_idx, scores, counts),
                        penalty={"C": float(best_c)}, y_true=test_idx,
-                       y_pred=np.argmax(scores, axis=1), scores=scores, classes=classes)
+                       y_pred=np.argmax(scores, axis=1), scores=scores, classes=classes,
+                       model=make_pipeline(scaler, model))  # both fitted: the pipeline needs no fit
