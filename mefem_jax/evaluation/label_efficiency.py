@@ -152,31 +152,40 @@ def label_efficiency(target: Target, train, test, feature: str, shots, seeds: in
 
 
 def plot_label_efficiency(path, title: str, rows: list[dict]) -> None:
-    """The headline metric's mean (+- sd band) against the labelled train rows used (log x), one curve
-    per (model, features, protocol); `rows` are label_efficiency's, of one target."""
+    """The headline metric's mean (+- sd band) against the labelled train rows used (log x): one panel
+    per protocol, one curve per (model, features) in it; `rows` are label_efficiency's, of one target.
+    A readout keeps its colour across panels and an encoder its line style, so a reader can follow
+    one encoder through the panels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if len({r["target"] for r in rows}) != 1:
         raise ValueError(f"plot_label_efficiency draws one target, got {sorted({r['target'] for r in rows})}")
-    curves: dict[str, list[dict]] = {}
+    panels: dict[str, dict[tuple, list[dict]]] = {}
     for r in rows:
-        label = " / ".join(str(v) for v in (r.get("model"), r["features"], r["protocol"]) if v is not None)
-        curves.setdefault(label + (f" (k={r['k']})" if "k" in r else ""), []).append(r)
+        protocol = r["protocol"] + (f" (k={r['k']})" if "k" in r else "")
+        panels.setdefault(protocol, {}).setdefault((r.get("model"), r["features"]), []).append(r)
+    features = list(dict.fromkeys(r["features"] for r in rows))
+    models = list(dict.fromkeys(r.get("model") for r in rows))
+    styles = ("-", "--", ":", "-.")
     metric = rows[0]["headline"]
-    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    fig = Figure(figsize=(5.2 * len(panels), 4.4), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for label, points in curves.items():
-        points = sorted(points, key=lambda r: r["n_train"])
-        x = np.array([r["n_train"] for r in points], np.float64)
-        mean = np.array([r["metrics"][metric]["mean"] for r in points])
-        sd = np.nan_to_num(np.array([r["metrics"][metric]["sd"] for r in points], np.float64))  # one fit: no band
-        (line,) = ax.plot(x, mean, marker="o", lw=1.5, label=label)
-        ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xscale("log")
-    ax.set_xlabel("labelled train rows used")
-    ax.set_ylabel(f"{metric} (mean ± sd over draws)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    for i, (protocol, curves) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for (model, feature), points in curves.items():
+            points = sorted(points, key=lambda r: r["n_train"])
+            x = np.array([r["n_train"] for r in points], np.float64)
+            mean = np.array([r["metrics"][metric]["mean"] for r in points])
+            sd = np.nan_to_num(np.array([r["metrics"][metric]["sd"] for r in points], np.float64))  # one fit: no band
+            colour = f"C{features.index(feature) % 10}"
+            label = feature if model is None else f"{model} / {feature}"
+            ax.plot(x, mean, marker="o", lw=1.5, color=colour, ls=styles[models.index(model) % len(styles)],
+                    label=label)
+            ax.fill_between(x, mean - sd, mean + sd, color=colour, alpha=0.12, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled train rows used")
+        ax.set_ylabel(f"{metric} (mean ± sd over draws)")
+        ax.set_title(f"{title}: {protocol}")
+        ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)

@@ -207,27 +207,28 @@ def _number(value: float | None, interval=None) -> str:
     return text
 
 
-def subgroup_markdown(target_name: str, features: str, report: dict) -> list[str]:
-    """Lines for report.md: a caption naming the worst group and the gap, then one table row per group."""
-    metric = report["metric"]
-    caption = f"**{target_name}** (`{features}` features) by group"
-    if report["worst"]:
-        caption += f"; worst {metric}: {report['worst']['group']} {_number(report['worst']['value'])}"
-    if report["gap"]:
-        gap = report["gap"]
-        caption += (f"; largest gap: {gap['groups'][0]} − {gap['groups'][1]} = "
-                    f"{_number(gap['difference'], [gap['low'], gap['high']])}")
-    columns = _COLUMNS[report["kind"]]
-    lines = [caption, "", "| group | n | " + " | ".join(title for title, _ in columns) + " |",
-             "|---|" + "---:|" * (len(columns) + 1)]
-    for g in report["groups"]:
-        cells = [_number(g["metrics"].get(key), g["intervals"].get(key)) for _, key in columns]
-        lines.append(f"| {g['group']} | {g['n']} | " + " | ".join(cells) + " |")
-    for g in report["too_few"]:
-        lines.append(f"| {g['group']} | {g['n']} | " + " | ".join(["too few"] * len(columns)) + " |")
-    if report["too_few"] or report["left_out"]:
-        lines += ["", f"Groups under {report['min_size']} test rows are too few for a metric; "
-                      f"{report['left_out']} row(s) without a group (value missing or outside the bins) left out."]
+def subgroup_table(found: list[dict]) -> list[str]:
+    """Lines for report.md: one table per target and grouping, one row per encoder and readout (each
+    `found` row is a subgroup_report with "model" and "features" added), the headline metric of every
+    group with its interval, then the worst group and the largest gap."""
+    first = found[0]
+    names = [g["group"] for g in first["groups"]] + [g["group"] for g in first["too_few"]]
+    sizes = {g["group"]: g["n"] for g in first["groups"] + first["too_few"]}
+    metric = first["metric"]
+    lines = [f"**{first['target']} by {first['grouping']}**: {metric} per group, 95 % interval in brackets; groups "
+             f"under {first['min_size']} test faces are too few for an interval"
+             + (f"; {first['left_out']} face(s) without a group left out" if first["left_out"] else ""), "",
+             "| encoder | features | " + " | ".join(f"{n} (n={sizes[n]})" for n in names) + " | worst | largest gap |",
+             "|---|---|" + "---:|" * (len(names) + 2)]
+    for r in found:
+        cells = {g["group"]: _number(g["metrics"][metric], g["intervals"].get(metric)) for g in r["groups"]}
+        cells.update({g["group"]: "too few" for g in r["too_few"]})
+        worst = r["worst"]["group"] if r["worst"] else "–"
+        gap = r["gap"]
+        gap_text = (f"{gap['groups'][0]} − {gap['groups'][1]}: {_number(gap['difference'], [gap['low'], gap['high']])}"
+                    if gap else "–")
+        lines.append(f"| {r.get('model', '')} | {r.get('features', '')} | "
+                     + " | ".join(cells.get(n, "–") for n in names) + f" | {worst} | {gap_text} |")
     return lines
 
 

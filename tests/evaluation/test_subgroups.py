@@ -14,7 +14,7 @@ from mefem_jax.evaluation import bootstrap
 from mefem_jax.evaluation.probes import (blas_threads, classification_metrics, fit_classification_probe,
                                          fit_regression_probe, regression_metrics)
 from mefem_jax.evaluation.subgroups import (GroupError, Grouping, check_group_columns, group_of_rows,
-                                            left_out_counts, parse_groups, plot_subgroups, subgroup_markdown,
+                                            left_out_counts, parse_groups, plot_subgroups, subgroup_table,
                                             subgroup_report)
 
 N_BOOT = 20  # bootstrap.py's convention with few replicates: each classification one costs sklearn AUCs (~4 ms)
@@ -135,14 +135,15 @@ def test_small_groups_are_too_few(probes):
     assert report["too_few"] == [{"group": smallest, "n": counts[smallest]}]
     assert smallest not in [g["group"] for g in report["groups"]] + report["gap"]["groups"]
     assert report["worst"]["group"] != smallest
-    lines = subgroup_markdown("age", "pixels", report)
-    assert f"| {smallest} | {counts[smallest]} | too few | too few | too few | too few |" in lines
-    assert len([line for line in lines if line.startswith("| race ")]) == len(counts)
+    lines = subgroup_table([{**report, "target": "age", "grouping": "race", "model": "m", "features": "pixels"}])
+    header, row = lines[2], lines[4]
+    assert header.count("(n=") == len(counts) and f"{smallest} (n={counts[smallest]})" in header
+    assert row.startswith("| m | pixels |") and row.count("too few") == 1
 
     nobody = subgroup_report("regression", age, groups, min_size=len(groups) + 1, n_boot=N_BOOT)
     assert nobody["groups"] == [] and nobody["worst"] is None and nobody["gap"] is None
     assert len(nobody["too_few"]) == len(counts)
-    subgroup_markdown("age", "pixels", nobody)
+    assert subgroup_table([{**nobody, "target": "age", "grouping": "race"}])[4].count("too few") == len(counts)
 
 
 @pytest.mark.parametrize("text,words", [
