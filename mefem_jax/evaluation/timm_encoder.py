@@ -107,6 +107,7 @@ def _parse(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 def load_timm_encoder(spec: str) -> TimmEncoder:
     """Build the model a `timm:` spec names (module docstring), with its weights and preprocessing."""
+    # torch and timm load only when a timm model is asked for: every other evaluation runs without them.
     from mefem_jax.weights.timm_import import import_timm
     timm = import_timm()
     import torch

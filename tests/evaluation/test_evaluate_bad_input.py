@@ -120,7 +120,7 @@ def test_non_finite_labels_are_left_out_counted_and_reported(tmp_path):
 @pytest.mark.parametrize("flag, value, words", [
     ("batch_size", -1, "--batch_size must be at least 1, got -1"),  # not "no images could be read"
     ("pixel_size", 0, "--pixel_size must be at least 1, got 0"),
-    ("pixel_size", 65, "--pixel_size=65 is larger than the model's 64 px images")])
+    ("pixel_size", 65, "--pixel_size=65 is larger than random:vitti@64's 64 px images")])
 def test_sizes_are_checked_before_out_exists(tmp_path, flag, value, words):
     spec = f"{UTKFACE}:split=test,limit=4"
     with pytest.raises(UsageError, match=words):
