@@ -113,7 +113,15 @@ def _padded(x: np.ndarray, batch_size: int) -> np.ndarray:
 
 def occlusion_map(features_fn: FeaturesFn, images: np.ndarray, feature: str, readout,
                   grid: tuple[int, int], grid_size: int, batch_size: int = 64) -> np.ndarray:
-    """[gh, gw] float64: mean over `images` of |score change| when one patch-grid cell is filled.
+    """[gh, gw] float64: mean over `images` of |score change| when one patch-grid cell is filled."""
+    return occlusion_maps(features_fn, images, {"map": (feature, readout)}, grid, grid_size, batch_size)["map"]
+
+
+def occlusion_maps(features_fn: FeaturesFn, images: np.ndarray, readouts: dict, grid: tuple[int, int],
+                   grid_size: int, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """occlusion_map for several probes at once, `readouts`: name -> (feature, linear_readout(...)).
+    The occluded copies are embedded once for all of them: the forward passes are the cost (196 cells x
+    64 faces is 12,544 images), the readouts are a matrix product each.
 
     The gh * gw occluded copies of every face are built batch by batch (never all at once: 196 copies
     of 64 faces at 224 px are 7.5 GB) and every batch reaches `features_fn` at `batch_size` rows."""
@@ -123,25 +131,27 @@ def occlusion_map(features_fn: FeaturesFn, images: np.ndarray, feature: str, rea
     if height % gh or width % gw:
         raise SaliencyError(f"a {gh}x{gw} patch grid does not tile {height}x{width} images")
     ph, pw = height // gh, width // gw
-    w, b = readout
 
-    def logits(rows: np.ndarray) -> np.ndarray:  # [len(rows), c]; the padding rows are dropped
-        x = _check_readout(features_fn(_padded(rows, batch_size), grid_size), feature, w)[:len(rows)]
-        return x.astype(np.float64) @ w + b
+    def logits(rows: np.ndarray) -> dict[str, np.ndarray]:  # name -> [len(rows), c]; padding rows dropped
+        features = features_fn(_padded(rows, batch_size), grid_size)
+        return {name: _check_readout(features, feature, w)[:len(rows)].astype(np.float64) @ w + b
+                for name, (feature, (w, b)) in readouts.items()}
 
-    clean = np.concatenate([logits(images[idx]) for idx in _batches(n, batch_size)])
-    predicted = np.argmax(clean, axis=1)
-    base = readout_score(clean, predicted)
+    clean_parts = [logits(images[idx]) for idx in _batches(n, batch_size)]
+    clean = {name: np.concatenate([part[name] for part in clean_parts]) for name in readouts}
+    predicted = {name: np.argmax(v, axis=1) for name, v in clean.items()}
+    base = {name: readout_score(v, predicted[name]) for name, v in clean.items()}
     cells = np.zeros((gh * gw, height, width, 1), bool)  # cell k's pixels, row-major over the grid
     for k in range(gh * gw):
         r, c = divmod(k, gw)
         cells[k, r * ph:(r + 1) * ph, c * pw:(c + 1) * pw] = True
-    change = np.empty(n * gh * gw)  # face-major: copy j is face j // (gh*gw), cell j % (gh*gw)
-    for idx in _batches(len(change), batch_size):
+    change = {name: np.empty(n * gh * gw) for name in readouts}  # face-major: copy j is face j // (gh*gw)
+    for idx in _batches(n * gh * gw, batch_size):
         face, cell = np.divmod(idx, gh * gw)
-        occluded = np.where(cells[cell], np.float32(FILL), images[face])
-        change[idx] = np.abs(readout_score(logits(occluded), predicted[face]) - base[face])
-    return change.reshape(n, gh, gw).mean(0)
+        occluded = logits(np.where(cells[cell], np.float32(FILL), images[face]))
+        for name, out in occluded.items():
+            change[name][idx] = np.abs(readout_score(out, predicted[name][face]) - base[name][face])
+    return {name: v.reshape(n, gh, gw).mean(0) for name, v in change.items()}
 
 
 def jax_features(loaded, batch_size: int = 64) -> FeaturesFn:

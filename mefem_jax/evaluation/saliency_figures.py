@@ -40,25 +40,28 @@ def saliency_figures(encoder, images: np.ndarray, targets, linear: dict, feature
     fitted linear probes, (target name, feature) -> ProbeResult. Returns the report rows."""
     images, features_fn = encoder.seen(images)
     face = saliency.mean_face(images)
-    rows = []
+    wanted = {}  # (target, feature) -> (feature, readout): every probe a map is drawn for
     for target in targets:
         if target.kind not in ("regression", "classification"):
             continue  # survival's Cox model and the 136 landmark outputs have no single value to explain
         for feature in features:
-            if feature == "pixels" or (target.name, feature) not in linear:
-                continue
-            readout = saliency.linear_readout(linear[(target.name, feature)])
-            maps = {"occlusion": saliency.occlusion_map(features_fn, images, feature, readout, encoder.grid,
-                                                        grid_size, batch_size)}
-            if encoder.loaded is not None:
-                maps["gradient x input"] = saliency.gradient_x_input(encoder.loaded, images, feature, readout,
-                                                                     grid_size, batch_size)
-            png = f"{prefix}{safe_name(target.name)}_{feature}_saliency.png"
-            unit = f"|change in predicted {target.name}|" if target.kind == "regression" else \
-                "|change in the predicted class's log-odds|"
-            title = f"{encoder.label}: {target.name} from {feature}, {unit}, mean over {len(images)} test faces"
-            saliency.plot_saliency(out / png, title, face, maps)
-            logger.info("saliency: wrote %s", png)
-            rows.append({"model": encoder.label, "target": target.name, "features": feature, "png": png,
-                         "n_faces": int(len(images)), "methods": list(maps)})
+            if feature != "pixels" and (target.name, feature) in linear:
+                wanted[(target, feature)] = (feature, saliency.linear_readout(linear[(target.name, feature)]))
+    if not wanted:
+        return []
+    occlusion = saliency.occlusion_maps(features_fn, images, wanted, encoder.grid, grid_size, batch_size)
+    rows = []
+    for (target, feature), (_, readout) in wanted.items():
+        maps = {"occlusion": occlusion[(target, feature)]}
+        if encoder.loaded is not None:
+            maps["gradient x input"] = saliency.gradient_x_input(encoder.loaded, images, feature, readout,
+                                                                 grid_size, batch_size)
+        png = f"{prefix}{safe_name(target.name)}_{feature}_saliency.png"
+        unit = (f"|change in predicted {target.name}|" if target.kind == "regression"
+                else "|change in the predicted class's log-odds|")
+        title = f"{encoder.label}: {target.name} from {feature}, {unit}, mean over {len(images)} test faces"
+        saliency.plot_saliency(out / png, title, face, maps)
+        logger.info("saliency: wrote %s", png)
+        rows.append({"model": encoder.label, "target": target.name, "features": feature, "png": png,
+                     "n_faces": int(len(images)), "methods": list(maps)})
     return rows

@@ -71,9 +71,10 @@ def test_occlusion_is_its_closed_form_on_a_linear_pixel_readout_for_any_batch_si
     def pixels(batch: np.ndarray, grid_size: int) -> dict[str, np.ndarray]:
         return {"grid": batch.reshape(len(batch), -1)}
 
+    wanted = {}
     for n_out in (1, 3):  # a regression readout; a 3-class one scored by the predicted class's log-odds
         w, b = rng.standard_normal((32 * 32 * 3, n_out)) * 0.01, rng.standard_normal(n_out)
-        want = np.zeros((4, 4))
+        want = wanted[n_out] = np.zeros((4, 4))
         for face in images.astype(np.float64):
             clean = face.reshape(-1) @ w + b
             k = np.argmax(clean)
@@ -91,6 +92,12 @@ def test_occlusion_is_its_closed_form_on_a_linear_pixel_readout_for_any_batch_si
             got = saliency.occlusion_map(pixels, images, "grid", (w, b), (4, 4), grid_size=4,
                                          batch_size=batch_size)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+        wanted[n_out] = (want, (w, b))
+    # Several probes from one pass over the occluded copies, as evaluate draws them.
+    both = saliency.occlusion_maps(pixels, images, {k: ("grid", r) for k, (_, r) in wanted.items()}, (4, 4),
+                                   grid_size=4, batch_size=24)
+    for k, (want, _) in wanted.items():
+        np.testing.assert_allclose(both[k], want, rtol=1e-5, atol=1e-9)
 
 
 def row_shares(per_cell: np.ndarray) -> np.ndarray:
