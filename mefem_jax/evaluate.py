@@ -86,13 +86,14 @@ logger = logging.getLogger(__name__)
 
 
 def _embed(encoder, spec: str, split: str, batch_size: int, cache_dir, pixel_size: int, grid_size: int,
-           targets: list[Target] = (), exclude: frozenset[str] = frozenset()):
+           targets: list[Target] = (), exclude: frozenset[str] = frozenset(), groupings=()):
     """(embeddings, the data entry of report.json) of one split for one encoder."""
     # The pairs are scored on a test set: synthetic / tfds sources default to their test split.
     data = open_eval_data(spec, encoder.image_size, batch_size,
                           default_split="train" if split == "train" else "test", exclude=exclude)
     if data.table is not None:  # a CSV's columns are known before embedding: fail fast
         check_columns(list(targets), data.table.columns, split)
+        check_group_columns(groupings, data.table.columns, split)
     t0 = time.perf_counter()
     emb, cache_file, hit = encoder.embed(data, cache_dir, pixel_size, grid_size)
     info = {"spec": str(data.spec), "n": len(emb), "skipped": {k: len(v) for k, v in emb.skipped.items()},
@@ -198,6 +199,10 @@ def _plan(specs, train, test, targets, pairs, pairs_data, batch_size, pixel_size
         if given and not parsed:
             raise UsageError(f"--{flag} works on the probes' test split: it needs --targets")
     chosen = parse_protocols(protocols)
+    if "fewshot" in chosen:
+        for target in parsed:
+            if target.kind in ("regression", "classification"):
+                label_efficiency.check_shots(target.kind, label_efficiency.parse_shots(shots))
     return Plan(targets=parsed, features=tuple(features), protocols=chosen,
                 shots=tuple(label_efficiency.parse_shots(shots)) if "fewshot" in chosen else (),
                 fewshot_seeds=fewshot_seeds, groupings=tuple(parse_groups(groups)) if groups else (),
@@ -212,7 +217,7 @@ def _measure(encoder, plan: Plan, train: str, test: str, batch_size: int, cache_
     emb_train, info_train = _embed(encoder, train, "train", batch_size, cache_dir, pixel_size, grid_size,
                                    plan.targets)
     emb_test, info_test = _embed(encoder, test, "test", batch_size, cache_dir, pixel_size, grid_size,
-                                 plan.targets, exclude=excluded)
+                                 plan.targets, exclude=excluded, groupings=plan.groupings)
     encoder.info["data"] = {"train": info_train, "test": info_test}
     report["data"].setdefault("train", info_train)
     report["data"].setdefault("test", info_test)

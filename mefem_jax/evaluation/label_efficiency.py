@@ -90,6 +90,17 @@ def _cap_note(y: np.ndarray, kind: str, n: int | None) -> str | None:
     return f"n={n} per class: {short} have fewer train rows (all of theirs used)" if short else None
 
 
+def check_shots(kind: str, shots, protocols=PROTOCOLS) -> None:
+    """An n too few for a probe of this kind (the CV'd logistic probe needs 2 per class): known before
+    any data is read, so evaluate refuses it with the other flags."""
+    least = max(MIN_SHOTS[p][kind] for p in protocols)
+    for n in shots:
+        if n is not None and n < least:
+            per = " per class" if kind == "classification" else ""
+            raise ShotsError(f"label efficiency: n={n} is too few labels{per} for {kind} with "
+                             f"{'+'.join(protocols)}; the least is {least}")
+
+
 def label_efficiency(target: Target, train, test, feature: str, shots, seeds: int = 3,
                      protocols=PROTOCOLS, seed: int = 0) -> list[dict]:
     """One row per (n, protocol): target, kind, features, protocol, n (asked; "all"), n_train (labelled
@@ -105,12 +116,7 @@ def label_efficiency(target: Target, train, test, feature: str, shots, seeds: in
         raise ShotsError("label efficiency needs at least one n (shots), e.g. 10,100,1000,all")
     if seeds < 1 or seed < 0:
         raise ShotsError(f"label efficiency needs seeds >= 1 and seed >= 0, got seeds={seeds}, seed={seed}")
-    least = max(MIN_SHOTS[p][target.kind] for p in protocols)
-    for n in shots:
-        if n is not None and n < least:
-            per = " per class" if target.kind == "classification" else ""
-            raise ShotsError(f"label efficiency: n={n} is too few labels{per} for {target.kind} with "
-                             f"{'+'.join(protocols)}; the least is {least}")
+    check_shots(target.kind, shots, protocols)
 
     keep, values, _ = probe_rows(target, train.labels, "train")
     labelled = np.flatnonzero(keep)  # rows of `train` with a usable label

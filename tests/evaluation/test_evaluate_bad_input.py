@@ -140,3 +140,22 @@ def test_bad_flags_are_one_line_before_out_exists(subprocesses, name):
 def test_a_forward_too_large_for_memory_fails_instead_of_hanging(subprocesses):
     done = finish(subprocesses["huge_forward"][0])
     assert done.returncode != 0 and "RESOURCE_EXHAUSTED" in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"model": [TINY, "timm:vit_smal_patch16_224"]}, "timm has no architecture 'vit_smal_patch16_224'; close names: vit_small_patch16_224"),
+    ({"groups": "gender,ethnicity"}, r"\['ethnicity'\]"),
+    ({"groups": "age_bin=40,20"}, "increasing"),
+    ({"protocols": ("linear", "fewshot"), "shots": "1,all", "targets": "gender:classification"}, "n=1 is too few"),
+    ({"protocols": ("linear", "fewshot"), "shots": "ten"}, "'ten' is neither a positive integer nor 'all'"),
+    ({"protocols": ("linear", "probe")}, "--protocols: unknown \\['probe'\\]"),
+    ({"saliency": -1}, "--saliency must be 0"),
+])
+def test_issue_23_flags_are_refused_in_one_line_before_out_is_used(tmp_path, options, words):
+    """A bad encoder, group, shot or protocol flag fails before any probe runs and leaves no --out."""
+    spec = f"{require_utkface()}:split=test,limit=4"
+    args = {"model": TINY, "train": spec, "test": spec, "targets": "age:regression", **RUN, **options}
+    with pytest.raises(ValueError, match=words) as err:
+        run_evaluation(out=tmp_path / "out", cache_dir=None, **args)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
