@@ -172,9 +172,10 @@ def jax_features(loaded, batch_size: int = 64) -> FeaturesFn:
     return features
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "feature", "grid_size"))
-def _gradient_x_input(params, images, n_valid, w, b, *, encoder, feature: str, grid_size: int):
-    """Sum over the first `n_valid` faces of |sum_channels d score / d image * image|, [S, S]."""
+@functools.partial(jax.jit, static_argnames=("encoder", "feature", "grid_size", "cells"))
+def _gradient_x_input(params, images, n_valid, w, b, *, encoder, feature: str, grid_size: int, cells=None):
+    """Sum over the first `n_valid` faces of |sum_channels d score / d image * image|, [S, S]; with `cells`
+    (gh, gw) the signed values are first summed over each cell, [gh, gw]."""
     valid = (jnp.arange(images.shape[0]) < n_valid).astype(jnp.float32)
 
     def total_score(x):
@@ -185,24 +186,36 @@ def _gradient_x_input(params, images, n_valid, w, b, *, encoder, feature: str, g
         return jnp.sum(scores * valid)
 
     grads = jax.grad(total_score)(images)
-    return jnp.einsum("b,bhw->hw", valid, jnp.abs(jnp.sum(grads * images, axis=-1)))
+    signed = jnp.sum(grads * images, axis=-1)
+    if cells is not None:
+        gh, gw = cells
+        signed = signed.reshape(signed.shape[0], gh, signed.shape[1] // gh, gw, signed.shape[2] // gw).sum((2, 4))
+    return jnp.einsum("b,bhw->hw", valid, jnp.abs(signed))
 
 
 def gradient_x_input(loaded, images: np.ndarray, feature: str, readout, grid_size: int,
-                     batch_size: int = 32) -> np.ndarray:
-    """[S, S] float64: gradient x input of the probe score, |.| per pixel, mean over `images`."""
+                     batch_size: int = 32, cells: tuple[int, int] | None = None) -> np.ndarray:
+    """[S, S] float64: gradient x input of the probe score, |.| per pixel, mean over `images`.
+
+    With `cells` (the patch grid) it is [gh, gw]: the signed gradient x input summed over each cell
+    before |.|, which is the first-order change of the score when that cell is set to 0, the FILL of
+    occlusion_map. Per pixel, a ViT's map is dominated by a pattern repeating in every patch (the
+    patch embedding's own weights); per cell it is the linear estimate of the occlusion map beside it."""
     images = _check_images(images)
     w, b = readout
     if feature not in ("cls", "mean", "grid"):
         raise SaliencyError(f"gradient x input of {feature!r} features: choose cls, mean or grid")
+    if cells is not None and (images.shape[1] % cells[0] or images.shape[2] % cells[1]):
+        raise SaliencyError(f"a {cells[0]}x{cells[1]} grid does not tile {images.shape[1]}x{images.shape[2]} images")
     width = encoder_dims(loaded.model_cfg)[0]
     _check_width(feature, width * grid_size ** 2 if feature == "grid" else width, w)
     params = jax.device_put(loaded.params)
-    total = np.zeros(images.shape[1:3])
+    total = 0.0
     for idx in _batches(len(images), batch_size):
-        total += np.asarray(_gradient_x_input(params, _padded(images[idx], batch_size), len(idx),
-                                              jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32),
-                                              encoder=loaded.encoder, feature=feature, grid_size=grid_size))
+        total = total + np.asarray(_gradient_x_input(
+            params, _padded(images[idx], batch_size), len(idx), jnp.asarray(w, jnp.float32),
+            jnp.asarray(b, jnp.float32), encoder=loaded.encoder, feature=feature, grid_size=grid_size,
+            cells=None if cells is None else tuple(cells)), np.float64)
     return total / len(images)
 
 

@@ -54,8 +54,8 @@ def saliency_figures(encoder, images: np.ndarray, targets, linear: dict, feature
     for (target, feature), (_, readout) in wanted.items():
         maps = {"occlusion": occlusion[(target, feature)]}
         if encoder.loaded is not None:
-            maps["gradient x input"] = saliency.gradient_x_input(encoder.loaded, images, feature, readout,
-                                                                 grid_size, batch_size)
+            maps["gradient x input, per patch"] = saliency.gradient_x_input(
+                encoder.loaded, images, feature, readout, grid_size, batch_size, cells=encoder.grid)
         png = f"{prefix}{safe_name(target.name)}_{feature}_saliency.png"
         unit = (f"|change in predicted {target.name}|" if target.kind == "regression"
                 else "|change in the predicted class's log-odds|")

@@ -55,7 +55,7 @@ def test_label_efficiency_subgroups_and_saliency_are_in_the_report(compared):
     assert ("random:vitti@64", "age", "grid", "age_bin") in groups 
     assert len(groups) == (2 + 1) * 2  # readouts (pixels: first encoder only) x targets
     saliency = {(r["model"], r["target"], r["features"]): r for r in report["saliency"]}
-    assert saliency[("random:vitti@64", "gender", "grid")]["methods"] == ["occlusion", "gradient x input"]
+    assert saliency[("random:vitti@64", "gender", "grid")]["methods"] == ["occlusion", "gradient x input, per patch"]
     assert saliency[("timm:vit_tiny_patch16_224", "age", "grid")]["methods"] == ["occlusion"]
     assert {k[2] for k in saliency} == {"grid"}  # no map of the pixel baseline
     pngs = report["plots"] + [r["png"] for r in report["saliency"]]

@@ -134,6 +134,9 @@ def test_a_probe_of_the_eye_rows_looks_at_the_eyes(faces, tmp_path):
     assert gradient_rows[EYE_ROW] > 0.4, gradient_rows
     for shares in (occlusion_rows, gradient_rows):
         assert shares[EYE_ROW] > 1.5 * np.delete(shares, EYE_ROW).max(), shares
+    # Per patch cell (signed sums before |.|, the linear estimate of occluding the cell), as evaluate draws it.
+    cell_rows = row_shares(saliency.gradient_x_input(loaded, shown, "grid", readout, grid_size=4, cells=(4, 4)))
+    assert cell_rows[EYE_ROW] > 0.5, cell_rows
 
     w, b = readout
     eye_only = w.reshape(4, 4, -1).copy()
