@@ -8,6 +8,7 @@
 # the 4,728 test faces. About 40 minutes on 2 idle cores.
 #
 #   bash scripts/compare_encoders.sh [OUT]        # OUT defaults to runs/compare
+#   STEP=saliency bash scripts/compare_encoders.sh  # only the saliency figures (OUT/saliency, ~10 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,9 @@ LABELS=${LABELS:-runs/long/labels.csv}  # scripts/carve_val.py's split of UTKFac
 IMAGES=${IMAGES:-../shared/data/utkface/images}
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
-python -m mefem_jax.evaluate --out="$OUT" \
+STEP=${STEP:-all}  # compare | saliency | all
+
+[[ $STEP == saliency ]] || python -m mefem_jax.evaluate --out="$OUT" \
   --model="$RUN" \
   --model="random:vits@112:patch=8,width=128,depth=4,heads=4,seed=0" \
   --model="timm:vit_small_patch16_224:img_size=112" \
@@ -25,3 +28,12 @@ python -m mefem_jax.evaluate --out="$OUT" \
   --targets=age:regression,gender:classification,race:classification --features=cls,mean,grid,pixels \
   --grid_size=2 --protocols=linear,knn,fewshot --shots=10,100,1000 --fewshot_seeds=3 \
   --groups=gender,race,age_bin=0,20,40,60,120 --saliency=64 --batch_size=64
+
+# The saliency figures of docs/RESULTS.md alone (cache hits for the embeddings above): age and gender, the
+# CLS and 2x2-grid readouts of the pretrained encoder and its random init, over 64 test faces.
+if [[ $STEP != compare ]]; then
+  python -m mefem_jax.evaluate --out="$OUT/saliency" --model="$RUN" \
+    --model="random:vits@112:patch=8,width=128,depth=4,heads=4,seed=0" \
+    --train="$LABELS:images=$IMAGES,split=train,sample=5000" --test="$LABELS:images=$IMAGES,split=test" \
+    --targets=age:regression,gender:classification --features=cls,grid --grid_size=2 --saliency=64 --batch_size=64
+fi
