@@ -109,8 +109,12 @@ def load_timm_encoder(spec: str) -> TimmEncoder:
     """Build the model a `timm:` spec names (module docstring), with its weights and preprocessing."""
     # torch and timm load only when a timm model is asked for: every other evaluation runs without them.
     from mefem_jax.weights.timm_import import import_timm
-    timm = import_timm()
-    import torch
+    try:
+        timm = import_timm()
+        import torch
+    except ImportError as err:  # a base install: one line naming the extra, not a traceback
+        raise TimmSpecError(f"model spec {spec!r}: timm models need torch and timm ({err}); install them with "
+                            "pip install -e '.[torch]'") from err
     from timm.data import resolve_model_data_config
 
     spec = str(spec).strip()

@@ -173,3 +173,12 @@ def test_cached_embeddings_of_a_timm_model(tmp_path, utkface_dir):
     np.testing.assert_array_equal(again.ids, first.ids)
     other, path3, hit = cached_embeddings(load_timm_encoder(spec + ",seed=1"), data, tmp_path / "cache", 8, 2)
     assert not hit and path3 != path and not np.allclose(other.features["cls"], first.features["cls"])
+
+
+def test_a_machine_without_timm_gets_one_line_naming_the_extra(monkeypatch):
+    """A base install (no torch extra): `import timm` fails, and the spec is refused in one line."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # what `import timm` meets where it is not installed
+    with pytest.raises(TimmSpecError, match=r"timm models need torch and timm .*pip install -e '\.\[torch\]'"):
+        load_timm_encoder("timm:vit_tiny_patch16_224")
