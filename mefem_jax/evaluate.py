@@ -131,8 +131,7 @@ def run_evaluation(model: str | list[str], out: str | Path, train: str | None = 
     encoders = open_encoders(specs, functools.partial(load_encoder, which=which, dtype=dtype), batch_size)
     for encoder in encoders:
         _check_sizes(encoder, grid_size, pixel_size)
-    for encoder in encoders:
-        if encoder.loaded is not None:
+        if encoder.loaded is not None:  # which of a run's two encoders; a timm model has one
             encoder.info["which"] = which
     report: dict = {
         "model": encoders[0].info, "models": [e.info for e in encoders], "protocols": list(plan.protocols),
