@@ -11,7 +11,7 @@ that could rescue a badly scaled feature). The rule, for every test face:
   to 1 so they serve as probabilities for ROC-AUC; regression: the weighted mean of the voters'
   labels (it stays inside the train labels' range, so no clipping is needed).
 
-Rows are selected and metrics computed as for the linear probe (targets.probe_rows,
+Rows are selected and metrics computed as for the linear probe (targets.probe_split,
 probes.regression_metrics / classification_metrics, bootstrap.py), so a kNN row sits beside a
 linear row with the same metric names. Other kinds (survival, landmarks) are refused.
 
@@ -21,13 +21,12 @@ n_train similarities (and argpartition's indices of that shape) exist at once, a
 """
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
 from mefem_jax.evaluation import bootstrap
 from mefem_jax.evaluation.probes import ProbeResult, classification_metrics, regression_metrics
-from mefem_jax.evaluation.targets import Target, TargetError, class_labels, probe_rows
+from mefem_jax.evaluation.targets import Target, TargetError, class_labels, probe_split
 
 K_VALUES = (10, 20)
 TEMPERATURE = 0.07
@@ -112,17 +111,8 @@ def knn_probe(target: Target, train, test, feature: str, k: int, seed: int = 0,
         raise TargetError(f"target {target.name!r}: kNN scores regression and classification targets, "
                           f"not {target.kind} (use the linear protocol)")
     _check(k, TEMPERATURE)
-    keep_train, y_train, dropped_train = probe_rows(target, train.labels, "train")
-    keep_test, y_test, dropped_test = probe_rows(target, test.labels, "test")
-    n_train = int(keep_train.sum())
-    row: dict[str, Any] = {"target": target.name, "kind": target.kind, "features": feature,
-                           "n_train": n_train, "n_test": int(keep_test.sum())}
-    for reason in ("missing", "nonfinite"):
-        row[f"n_{reason}_train"], row[f"n_{reason}_test"] = dropped_train[reason], dropped_test[reason]
-    for split, n in (("train", row["n_train"]), ("test", row["n_test"])):
-        if n == 0:
-            raise TargetError(f"target {target.name!r}: no labelled rows in the {split} split")
-    x_train, x_test = train.features[feature][keep_train], test.features[feature][keep_test]
+    row, x_train, y_train, x_test, y_test = probe_split(target, train, test, feature)
+    n_train = row["n_train"]
     for split, x in (("train", x_train), ("test", x_test)):
         if not np.all(np.isfinite(x)):
             raise TargetError(f"target {target.name!r} ({feature} features): {split} features contain NaN or Inf")

@@ -35,7 +35,7 @@ from mefem_jax.data.shards.landmark_points import COLUMNS as LANDMARK_COLUMNS
 from mefem_jax.data.shards.landmark_points import NUM_POINTS
 from mefem_jax.evaluation import bootstrap
 from mefem_jax.evaluation.probes import RIDGE_ALPHAS
-from mefem_jax.evaluation.targets import LANDMARKS, Target, TargetError, check_columns, probe_rows
+from mefem_jax.evaluation.targets import LANDMARKS, Target, TargetError, check_columns, probe_split
 
 __all__ = ["LANDMARK_COLUMNS", "LandmarkResult", "landmark_probe", "nme"]
 
@@ -65,12 +65,9 @@ def nme(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     return np.linalg.norm(pred - true, axis=-1).mean(1) / iod
 
 
-def _points(labels: dict[str, np.ndarray], where: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """(mask over the rows kept, their points [n_kept, 68, 2] float64, {"missing": n, "nonfinite": n}),
-    by the rules of every other numeric target (targets.probe_rows)."""
-    check_columns([TARGET], list(labels), where)
-    keep, values, dropped = probe_rows(TARGET, labels, where)
-    return keep, np.stack(values, axis=1).reshape(-1, NUM_POINTS, 2), dropped
+def _as_points(values: list[np.ndarray]) -> np.ndarray:
+    """The 136 coordinate columns of the rows kept (targets.probe_rows) -> [n, 68, 2] float64."""
+    return np.stack(values, axis=1).reshape(-1, NUM_POINTS, 2)
 
 
 def _fit(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, float]:
@@ -105,17 +102,13 @@ def landmark_probe(train, test, feature: str, seed: int = 0, intervals: bool = F
     """Fit and score the landmark probe on one feature set. `train` / `test` are `embeddings.Embeddings`
     whose labels hold LANDMARK_COLUMNS. Returns the report row (JSON-ready, shaped like
     targets.probe_target's) and the LandmarkResult; `intervals` adds row["intervals"]."""
-    keep_train, y_train, dropped_train = _points(train.labels, "train")
-    keep_test, y_test, dropped_test = _points(test.labels, "test")
-    row: dict[str, Any] = {"target": "landmarks", "kind": "landmarks", "features": feature,
-                           "n_train": int(keep_train.sum()), "n_test": int(keep_test.sum())}
-    for reason in ("missing", "nonfinite"):
-        row[f"n_{reason}_train"], row[f"n_{reason}_test"] = dropped_train[reason], dropped_test[reason]
+    check_columns([TARGET], list(train.labels), "train")
+    check_columns([TARGET], list(test.labels), "test")
+    row, x_train, values_train, x_test, values_test = probe_split(TARGET, train, test, feature)
     if row["n_train"] < 3:  # leave-one-out needs a few faces; fewer cannot make a probe
         raise TargetError(f"target 'landmarks': need at least 3 train faces with all 68 points, got {row['n_train']}")
-    if row["n_test"] == 0:
-        raise TargetError("target 'landmarks': no test face has all 68 points")
-    pred, alpha = _fit(train.features[feature][keep_train], y_train, test.features[feature][keep_test])
+    y_train, y_test = _as_points(values_train), _as_points(values_test)
+    pred, alpha = _fit(x_train, y_train, x_test)
     per_face = nme(pred, y_test)
     mean_shape = nme(np.broadcast_to(y_train.mean(0), y_test.shape), y_test)
     result = LandmarkResult(_metrics(per_face, mean_shape), {"alpha": alpha}, y_test, pred, per_face)

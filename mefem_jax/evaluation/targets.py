@@ -164,11 +164,9 @@ def probe_rows(target: Target, labels: dict[str, np.ndarray], where: str):
     return keep, values, dropped
 
 
-def probe_target(target: Target, train, test, feature: str, seed: int = 0,
-                 intervals: bool = False) -> tuple[dict, Any]:
-    """Fit and score one probe. `train` / `test` are `embeddings.Embeddings`. Returns the report
-    row (JSON-ready) and the raw result (for plots). `intervals`: add bootstrap 95 % intervals of
-    the headline metrics over the test rows (bootstrap.py) as row["intervals"]."""
+def probe_split(target: Target, train, test, feature: str):
+    """What every protocol fits on: (the report row's head, train features, train label arrays, test features,
+    test label arrays), the rows chosen by `probe_rows` on each split; TargetError for a split left empty."""
     keep_train, y_train, dropped_train = probe_rows(target, train.labels, "train")
     keep_test, y_test, dropped_test = probe_rows(target, test.labels, "test")
     row: dict[str, Any] = {"target": target.name, "kind": target.kind, "features": feature,
@@ -178,7 +176,15 @@ def probe_target(target: Target, train, test, feature: str, seed: int = 0,
     for split, n in (("train", row["n_train"]), ("test", row["n_test"])):
         if n == 0:
             raise TargetError(f"target {target.name!r}: no labelled rows in the {split} split")
-    x_train, x_test = train.features[feature][keep_train], test.features[feature][keep_test]
+    return row, train.features[feature][keep_train], y_train, test.features[feature][keep_test], y_test
+
+
+def probe_target(target: Target, train, test, feature: str, seed: int = 0,
+                 intervals: bool = False) -> tuple[dict, Any]:
+    """Fit and score one probe. `train` / `test` are `embeddings.Embeddings`. Returns the report
+    row (JSON-ready) and the raw result (for plots). `intervals`: add bootstrap 95 % intervals of
+    the headline metrics over the test rows (bootstrap.py) as row["intervals"]."""
+    row, x_train, y_train, x_test, y_test = probe_split(target, train, test, feature)
     try:
         if target.kind == "classification":
             result = fit_classification_probe(x_train, class_labels(y_train[0]), x_test,

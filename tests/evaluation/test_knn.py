@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from helpers.faces import UTKFACE, load_faces, utkface_rows
+from helpers.faces import pixel_embeddings
 from mefem_jax.evaluation import bootstrap
 from mefem_jax.evaluation.embeddings import Embeddings
 from mefem_jax.evaluation.knn import KnnError, knn_probe, knn_regress, knn_scores
@@ -61,15 +61,7 @@ def test_bad_k_and_temperature():
 def utk():
     """(train, test) Embeddings of 360 UTKFace faces (labels.csv's split): their 16 px raw pixels as the one
     feature, the labels as CSV text."""
-    rows = utkface_rows(360)
-    x = load_faces([UTKFACE / "images" / r["file"] for r in rows], 16).reshape(len(rows), -1)
-    split = np.array([r["split"] for r in rows])
-
-    def part(name: str) -> Embeddings:
-        mask = split == name
-        return Embeddings(ids=np.array([r["file"] for r in rows])[mask], features={"pixels": x[mask]},
-                          labels={c: np.array([r[c] for r in rows])[mask] for c in ("age", "gender", "race")})
-    return part("train"), part("test")
+    return pixel_embeddings(360, 16)
 
 
 @pytest.mark.parametrize("column", ["gender", "race"])

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers.faces import UTKFACE, load_faces, utkface_rows
+from helpers.faces import pixel_embeddings
 from mefem_jax.evaluation.embeddings import Embeddings
 from mefem_jax.evaluation.knn import knn_probe
 from mefem_jax.evaluation.label_efficiency import (ShotsError, draw_rows, label_efficiency, parse_shots,
@@ -27,15 +27,7 @@ def one_blas_thread():
 def utk():
     """(train, test) Embeddings of 360 UTKFace faces (labels.csv's split: 281 / 79; train race counts
     117, 55, 52, 38, 19): their 8 px raw pixels, the labels as CSV text."""
-    rows = utkface_rows(360)
-    x = load_faces([UTKFACE / "images" / r["file"] for r in rows], 8).reshape(len(rows), -1)
-    split = np.array([r["split"] for r in rows])
-
-    def part(name: str) -> Embeddings:
-        mask = split == name
-        return Embeddings(ids=np.array([r["file"] for r in rows])[mask], features={"pixels": x[mask]},
-                          labels={c: np.array([r[c] for r in rows])[mask] for c in ("age", "gender", "race")})
-    return part("train"), part("test")
+    return pixel_embeddings(360, 8)
 
 
 @pytest.fixture(scope="module")

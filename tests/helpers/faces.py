@@ -53,3 +53,20 @@ def load_faces(files, size: int, resample=None) -> np.ndarray:
         with Image.open(f) as im:
             out.append(normalize(np.asarray(im.convert("RGB").resize((size, size), resample))))
     return np.stack(out)
+
+
+def pixel_embeddings(n: int, size: int):
+    """(train, test) `Embeddings` of `n` UTKFace faces (utkface_rows, split by labels.csv's split column):
+    their `size` px raw pixels as the one feature, "pixels", and age, gender and race as CSV text. A cheap,
+    real feature set for the protocol tests."""
+    from mefem_jax.evaluation.embeddings import Embeddings
+
+    rows = utkface_rows(n)
+    x = load_faces([IMAGES / r["file"] for r in rows], size).reshape(len(rows), -1)
+    split = np.array([r["split"] for r in rows])
+
+    def part(name: str) -> Embeddings:
+        mask = split == name
+        return Embeddings(ids=np.array([r["file"] for r in rows])[mask], features={"pixels": x[mask]},
+                          labels={c: np.array([r[c] for r in rows])[mask] for c in ("age", "gender", "race")})
+    return part("train"), part("test")
