@@ -15,7 +15,8 @@ copies, false positives on distinct faces, hashing speed; and what UTKFace itsel
    to be looked at).
 3. Speed: fingerprints per CPU-second of one thread (time.process_time, BLAS held to one thread) over
    `--speed_faces` UTKFace JPEG bytes already in memory (decode, SHA-256 of the pixels, registration, DCT),
-   and of `hash_files` on all cores from disk. Per CPU-second because the machine is shared: wall-clock
+   and of `hash_files` on all cores from disk (threads), beside the same files on one process per core
+   (what the GIL costs the threads). Per CPU-second because the machine is shared: wall-clock
    rates there measure the other jobs. `--against=REV` also hashes the same faces with face_hash.py as it
    is at git revision REV, alternating blocks of 100 faces between the two so both see the same load, and
    checks that every fingerprint (pixel SHA-256, hash, mirror hash) is the same: a speed-up must not move
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -200,6 +202,14 @@ def _module_at(rev: str, tmp: str):
     return module
 
 
+def _hash_paths(paths: list[str]) -> int:
+    """Hashes image files in a worker process of `speed`'s processes row; returns how many."""
+    for path in paths:
+        with open(path, "rb") as f:
+            face_hash.hash_bytes(f.read())
+    return len(paths)
+
+
 def speed(images: str, files: list[str], against: str | None = None) -> None:
     blobs = []
     for f in files:
@@ -236,6 +246,16 @@ def speed(images: str, files: list[str], against: str | None = None) -> None:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"hash_files, {os.cpu_count()} threads, from disk: {len(table) / wall:.0f} faces/s "
           f"({len(table) / cpu:.0f} faces per CPU-second)")
+    # The same files on one process per core: no GIL shared, so the gap to the threads row is what the GIL
+    # costs hash_files (its threads stay: it runs inside evaluate, where JAX's threads rule out forking).
+    n = os.cpu_count() or 1
+    paths = [os.path.join(images, f) for f in files]
+    with ProcessPoolExecutor(n) as pool:
+        sum(pool.map(_hash_paths, [paths[:10]] * n))  # start-up and imports out of the timing
+        t0 = time.perf_counter()
+        done = sum(pool.map(_hash_paths, [paths[k::4 * n] for k in range(4 * n)]))
+        wall = time.perf_counter() - t0
+    print(f"{n} processes, from disk: {done / wall:.0f} faces/s ({done / wall / n:.0f} faces/s per core)")
 
 
 def utkface_duplicates(utk: str, rows: list[dict], max_distance: int) -> None:
