@@ -42,6 +42,7 @@ from mefem_jax.finetuning import step as step_lib
 from mefem_jax.finetuning.config import validate
 from mefem_jax.training import loop, sharding
 from mefem_jax.weights import encoders
+from mefem_jax.weights.classifier import fold_standardisation
 
 _FLAGS = {}  # defined only when this file runs as a program (_define_flags)
 
@@ -93,17 +94,9 @@ def _task(config, workdir, encoder_params, train, val, outputs) -> loop.Task:
         params = jax.device_get(held["run"].pieces.model.init(jax.random.PRNGKey(config.seed),
                                                               step_lib.dummy_images(config))["params"])
         params["encoder"] = encoder_params
-        if config.head.init == "probe":
-            # Fitted on one augmented view per face, the views the fine-tune trains on: a probe fitted on
-            # whole faces alone can lean on directions that a crop moves far, and start the fine-tune
-            # with a loss orders of magnitude above the probe's (seen with random encoders).
-            rows = np.arange(len(train))
-            if 0 < config.head.probe_rows < len(rows):
-                rows = np.sort(np.random.default_rng(config.seed).choice(rows, config.head.probe_rows, replace=False))
-            features = step_lib.features(held["run"].pieces, encoder_params, train.images[rows],
-                                         int(config.eval.batch_size), augment=jax.random.PRNGKey(config.seed))
-            params["head"] = linear_head.fit_head(features, y_train[rows], outputs, seed=config.seed)
-            logging.info("head: a linear probe fitted on %d frozen feature rows (LP-FT)", len(features))
+        if config.head.standardize or config.head.init == "probe":
+            params["head"] = _start_head(config, held["run"].pieces, encoder_params, train, y_train, outputs,
+                                         params["head"])
         return params
 
     def data(cfg, batch_size):
@@ -128,6 +121,29 @@ def _task(config, workdir, encoder_params, train, val, outputs) -> loop.Task:
                      restore_counters=best.restore)
     task.best = best
     return task
+
+
+def _start_head(config, pieces, encoder_params, train, y_train, outputs, head: dict) -> dict:
+    """The head at step 0: its fixed input standardisation measured on the frozen encoder's features, and
+    with LP-FT (head.init='probe') a linear probe fitted on them; without head.standardize both are
+    folded into a plain Linear.
+
+    The features are of one augmented view per face, the views the fine-tune trains on: a probe fitted
+    on whole faces alone can lean on directions that a crop moves far, and start the fine-tune with a
+    loss orders of magnitude above the probe's (seen with random encoders)."""
+    rows = np.arange(len(train))
+    if 0 < config.head.probe_rows < len(rows):
+        rows = np.sort(np.random.default_rng(config.seed).choice(rows, config.head.probe_rows, replace=False))
+    features = step_lib.features(pieces, encoder_params, train.images[rows], int(config.eval.batch_size),
+                                 augment=jax.random.PRNGKey(config.seed))
+    stats = linear_head.input_stats(features)
+    head = dict(head, **stats)
+    if config.head.init == "probe":
+        head.update(linear_head.fit_head(features, y_train[rows], outputs, stats, seed=config.seed))
+        logging.info("head: a linear probe fitted on %d frozen feature rows (LP-FT)", len(features))
+    logging.info("head input: standardised by the spread over %d faces (median std %.3g, median |mean| %.3g)",
+                 len(features), float(np.median(stats["input_std"])), float(np.median(np.abs(stats["input_mean"]))))
+    return head if config.head.standardize else fold_standardisation(head)
 
 
 def _host_params(params):

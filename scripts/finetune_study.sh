@@ -33,9 +33,14 @@ WARMUP=${WARMUP:-$((STEPS / 10))}
 # loss 1.565 -> 1.558 by step 80, runs/finetune_lowlr); the recipe is made for MAE's 100 epochs.
 LR=${LR:-4e-3}
 HEAD_INIT=${HEAD_INIT:-zero}  # zero (MAE's near-zero head) | probe (LP-FT); see docs/RESULTS.md
+STANDARDIZE=${STANDARDIZE:-true}  # the head reads the frozen features standardised (finetuning/model.py)
+HEAD_LR_SCALE=${HEAD_LR_SCALE:-1}
 TARGETS=age:regression,gender:classification
 VAL="$LABELS:images=$IMAGES,split=val"
+# SCORE_TEST=0: validation only (choosing knobs), no test scoring and no probes
+SCORE_TEST=${SCORE_TEST:-1}
 TEST="$LABELS:images=$IMAGES,split=test"
+if [[ $SCORE_TEST == 0 ]]; then TEST="" PROBES=""; fi
 mkdir -p "$OUT"
 
 train_spec() {  # labels: a count or "all"
@@ -48,9 +53,10 @@ for init in $INITS; do
   for run in $RUNS; do
     n=${run%%:*} seed=${run##*:}
     workdir="$OUT/${init}_n${n}_s${seed}"
-    [[ -f "$workdir/test/report.json" ]] && continue
+    [[ -f "$workdir/test/report.json" ]] && continue  # a finished validation-only run just returns
     python -m mefem_jax.finetune --config=configs/finetune.py:cpu --workdir="$workdir" --config.init="$spec" \
       --config.seed="$seed" --config.target="$TARGETS" --config.total_steps="$STEPS" --config.optim.warmup_steps="$WARMUP" --config.optim.lr="$LR" --config.head.init="$HEAD_INIT" \
+      --config.head.standardize="$STANDARDIZE" --config.head.lr_scale="$HEAD_LR_SCALE" \
       --config.eval.every_steps="$EVAL_EVERY" --config.data.train="$(train_spec "$n")" \
       --config.data.val="$VAL" --config.data.test="$TEST"
   done
@@ -63,4 +69,4 @@ for n in $PROBES; do  # the linear probe of the pretrained encoder on the same l
     --targets="$TARGETS" --features=cls
 done
 
-python scripts/summarize_finetune.py "$OUT"
+if [[ $SCORE_TEST == 1 ]]; then python scripts/summarize_finetune.py "$OUT"; fi

@@ -12,6 +12,10 @@ best, move least. AdamW is otherwise training/optim.py's (torch semantics, decou
 the learning rate, decay on kernels only: not on biases, norms or tokens, as MAE's `no_weight_decay`),
 and since both the Adam step and the decay are scaled by the learning rate, scaling a leaf's final
 update by its layer's factor is exactly MAE's per-group learning rate.
+
+Two additions: the head's linear layer can learn `head_scale` times faster than the final norm (a head
+learning from near zero is what sets how many steps a short fine-tune needs), and the head's fixed input
+standardisation (`input_mean`, `input_std`: finetuning/model.py) gets a factor of 0: it never moves.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from mefem_jax.training import optim
 
 _BLOCK = re.compile(r"blocks_(\d+)$")
 _EMBEDDING = ("patch_embed", "cls_token", "pos_embed")
+_FIXED = ("input_mean", "input_std")  # the head's input standardisation, measured once before step 0
 
 
 def layer_id(path: tuple[str, ...], depth: int) -> int:
@@ -42,10 +47,16 @@ def layer_id(path: tuple[str, ...], depth: int) -> int:
     return depth + 1  # the final norm
 
 
-def lr_scales(params, depth: int, decay: float):
-    """The per-leaf learning-rate factor `decay ** (depth + 1 - layer_id)`, a pytree like `params`."""
+def lr_scales(params, depth: int, decay: float, head_scale: float = 1.0):
+    """The per-leaf learning-rate factor, a pytree like `params`: `decay ** (depth + 1 - layer_id)` in
+    the encoder, `head_scale` for the head's kernel and bias, 0 for its fixed input standardisation."""
+    def scale(path):
+        if path[0] != "encoder":
+            return 0.0 if path[-1] in _FIXED else head_scale
+        return decay ** (depth + 1 - layer_id(path, depth))
+
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({k: decay ** (depth + 1 - layer_id(k, depth)) for k in flat})
+    return traverse_util.unflatten_dict({k: scale(k) for k in flat})
 
 
 def _scale_by_tree(scales) -> optax.GradientTransformation:

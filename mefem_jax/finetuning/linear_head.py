@@ -4,8 +4,9 @@ Kumar et al. (2022, "Fine-Tuning can Distort Pretrained Features and Underperfor
 show that fine-tuning from a random head lets the early, large gradients of that head rewrite the
 pretrained features; starting from a fitted linear probe (LP), the fine-tune (FT) only refines them.
 The probe is evaluate's (ridge with leave-one-out alpha; L2 logistic regression with C by held-out
-log-loss) on standardised features; the standardisation is folded into the head's kernel and bias, so
-the head reads the raw features like the one it replaces.
+log-loss) on features standardised by `input_stats`: the head keeps that standardisation as its fixed
+input (`head.standardize`, finetuning/model.py), or has it folded into its kernel and bias
+(weights/classifier.py `fold_standardisation`) to read the raw features like the head it replaces.
 """
 from __future__ import annotations
 
@@ -20,15 +21,22 @@ from mefem_jax.evaluation.probes import LOGISTIC_CS, RIDGE_ALPHAS
 from mefem_jax.finetuning.outputs import Output, num_logits
 
 
-def fit_head(features: np.ndarray, labels: np.ndarray, outputs: Sequence[Output], seed: int = 0) -> dict:
-    """{"kernel": float32 [D, K], "bias": float32 [K]} fitted per target on the rows carrying its label.
+def input_stats(features: np.ndarray) -> dict:
+    """{"input_mean", "input_std"}: float32 [D], the spread of the frozen features over the train faces
+    (a constant dimension gets std 1, so it reads as 0 rather than dividing by 0)."""
+    x = np.asarray(features, np.float64)
+    sd = x.std(0)
+    return {"input_mean": x.mean(0).astype(np.float32), "input_std": np.where(sd > 0, sd, 1.0).astype(np.float32)}
+
+
+def fit_head(features: np.ndarray, labels: np.ndarray, outputs: Sequence[Output], stats: dict,
+             seed: int = 0) -> dict:
+    """{"kernel": float32 [D, K], "bias": float32 [K]} on the features standardised by `stats`, fitted
+    per target on the rows carrying its label.
 
     `labels` is outputs.encode_labels' [n, targets] (standardised values, class indices, NaN)."""
-    x = np.asarray(features, np.float64)
-    mu, sd = x.mean(0), x.std(0)
-    sd = np.where(sd > 0, sd, 1.0)
-    z = (x - mu) / sd
-    weights = np.zeros((x.shape[1], num_logits(outputs)))
+    z = (np.asarray(features, np.float64) - stats["input_mean"]) / stats["input_std"]
+    weights = np.zeros((z.shape[1], num_logits(outputs)))
     bias = np.zeros(num_logits(outputs))
     for j, out in enumerate(outputs):
         rows = np.isfinite(labels[:, j])
@@ -47,9 +55,7 @@ def fit_head(features: np.ndarray, labels: np.ndarray, outputs: Sequence[Output]
         if coef.shape[0] == 1:  # binary: one logit z; softmax over [-z/2, z/2] is its sigmoid
             coef = np.concatenate([-coef / 2, coef / 2])
             intercept = np.concatenate([-intercept / 2, intercept / 2])
-        full_w, full_b = np.zeros((out.size, x.shape[1])), np.full(out.size, -1e4)  # classes absent from rows
+        full_w, full_b = np.zeros((out.size, z.shape[1])), np.full(out.size, -1e4)  # classes absent from rows
         full_w[model.classes_], full_b[model.classes_] = coef, intercept
         weights[:, cols], bias[cols] = full_w.T, full_b
-    # logits = ((x - mu) / sd) @ W + b = x @ (W / sd) + (b - (mu / sd) @ W)
-    kernel = weights / sd[:, None]
-    return {"kernel": kernel.astype(np.float32), "bias": (bias - (mu / sd) @ weights).astype(np.float32)}
+    return {"kernel": weights.astype(np.float32), "bias": bias.astype(np.float32)}

@@ -50,11 +50,11 @@ class FinetunePieces:
 
 def build(config, outputs: tuple[outputs_lib.Output, ...]) -> FinetunePieces:
     encoder = encoder_from_config(config.model).clone(drop_path=float(config.drop_path))
-    model = Classifier(encoder, outputs_lib.num_logits(outputs), config.head.readout)
+    model = Classifier(encoder, outputs_lib.num_logits(outputs), config.head.readout, bool(config.head.standardize))
     _, depth, _ = encoder_dims(config.model)
     batch, steps = config.data.batch_size, config.total_steps
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_images(config)))["params"]
-    scales = layer_decay.lr_scales(shapes, depth, float(config.optim.layer_decay))
+    scales = layer_decay.lr_scales(shapes, depth, float(config.optim.layer_decay), float(config.head.lr_scale))
     return FinetunePieces(
         model=model, outputs=outputs, tx=layer_decay.make_optimizer(config.optim, batch, steps, scales),
         lr=optim.lr_schedule(config.optim, batch, steps), image_size=config.model.image_size,

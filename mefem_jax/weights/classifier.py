@@ -1,7 +1,8 @@
 """A fine-tuned encoder with its linear head, as a timm release: the classifier format.
 
 A fine-tune (`python -m mefem_jax.finetune`) trains `{"encoder": <ViT params>, "head": {"kernel": [D, K],
-"bias": [K]}}`; the head reads one feature of the encoder's final-LayerNormed tokens, the `readout`:
+"bias": [K]}}` (the head may also hold a fixed input standardisation, `input_mean` / `input_std` [D],
+folded into the exported Linear); the head reads one feature of the encoder's final-LayerNormed tokens, the `readout`:
 "cls" (token 0) or "mean" (the mean of the patch tokens 1..N). Its logit columns are described by
 `outputs`, a list in column order:
 
@@ -37,6 +38,7 @@ from mefem_jax.weights.timm_keys import ConversionError, params_to_timm, to_floa
 # readout -> timm's `global_pool`. Both keep `fc_norm=False` (see classifier_timm_config).
 READOUT_POOL = {"cls": "token", "mean": "avg"}
 OUTPUT_KINDS = ("regression", "classification")
+STANDARDISATION = ("input_mean", "input_std")  # a head's fixed input standardisation (finetuning/model.py)
 BEST_DIR, BEST_JSON, BEST_PARAMS = "best", "best.json", "params"
 
 
@@ -165,6 +167,19 @@ def classifier_timm_config(model_cfg, readout: str, outputs: Iterable[Mapping[st
     return config
 
 
+def fold_standardisation(head: Mapping) -> dict:
+    """A head with a fixed input standardisation -> the plain Linear on the raw feature that computes the
+    same logits (float64 arithmetic, float32 out); a plain head is returned as it is.
+
+        ((x - mean) / std) @ W + b  =  x @ (W / std) + (b - (mean / std) @ W)"""
+    if not set(STANDARDISATION) <= set(head):
+        return {"kernel": head["kernel"], "bias": head["bias"]}
+    kernel, bias = np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64)
+    mean, std = (np.asarray(head[k], np.float64) for k in STANDARDISATION)
+    return {"kernel": (kernel / std[:, None]).astype(np.float32),
+            "bias": (bias - (mean / std) @ kernel).astype(np.float32)}
+
+
 def classifier_state_dict(params: Mapping, model_cfg) -> dict[str, np.ndarray]:
     """Fine-tuned params -> flat float32 timm state dict: the encoder's keys, then `head.weight` (K, D)
     and `head.bias` (K,), timm's order. Every problem is listed at once (ConversionError)."""
@@ -182,15 +197,21 @@ def classifier_state_dict(params: Mapping, model_cfg) -> dict[str, np.ndarray]:
     head = params["head"]
     width, _, _ = encoder_dims(model_cfg)
     keys = set(head) if isinstance(head, Mapping) else set()
-    if keys != {"kernel", "bias"}:
-        problems.append(f"head holds {sorted(keys)}; a linear head has ['bias', 'kernel']")
+    if keys not in ({"kernel", "bias"}, {"kernel", "bias", *STANDARDISATION}):
+        problems.append(f"head holds {sorted(keys)}; a linear head has ['bias', 'kernel'] "
+                        f"(and with a fixed input standardisation {list(STANDARDISATION)})")
+    elif keys != {"kernel", "bias"} and any(np.shape(head[k]) != (width,) for k in STANDARDISATION):
+        problems.append(f"head/{'/'.join(STANDARDISATION)}: shapes {[np.shape(head[k]) for k in STANDARDISATION]}, "
+                        f"the head reads width {width}")
     else:
-        kernel, bias = to_float32(head["kernel"]), to_float32(head["bias"])
-        if kernel.ndim != 2 or kernel.shape[0] != width:
-            problems.append(f"head/kernel: shape {kernel.shape}, the head reads width {width}: ({width}, K)")
-        elif bias.shape != kernel.shape[1:]:
-            problems.append(f"head/bias: shape {bias.shape}, the kernel has {kernel.shape[1]} column(s)")
+        kernel, bias = np.shape(head["kernel"]), np.shape(head["bias"])
+        if len(kernel) != 2 or kernel[0] != width:
+            problems.append(f"head/kernel: shape {kernel}, the head reads width {width}: ({width}, K)")
+        elif bias != kernel[1:]:
+            problems.append(f"head/bias: shape {bias}, the kernel has {kernel[1]} column(s)")
         else:
+            folded = fold_standardisation(head)
+            kernel, bias = to_float32(folded["kernel"]), to_float32(folded["bias"])
             state_dict["head.weight"] = np.ascontiguousarray(kernel.T)  # Flax (in, out) = torch weight.T
             state_dict["head.bias"] = np.ascontiguousarray(bias)
     if problems:

@@ -55,3 +55,21 @@ def test_each_leaf_moves_by_its_factor_times_the_plain_adamw_step():
     for (path, a), (_, b), (_, s) in zip(*(sorted(traverse_util.flatten_dict(t).items())
                                            for t in (u_plain, u_decayed, scales))):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a) * s, rtol=1e-6, err_msg=str(path))
+
+
+def test_the_head_learns_at_its_own_scale_and_its_input_standardisation_never_moves():
+    depth, decay = 2, 0.5
+    params = _params(depth)
+    params["head"].update(input_mean=jnp.full((4,), 0.7), input_std=jnp.full((4,), 0.2))
+    cfg = default_finetune_config().optim
+    cfg.update(warmup_steps=0, lr=1e-2, ref_batch=8, wd=0.5)
+    scales = layer_decay.lr_scales(params, depth, decay, head_scale=10.0)
+    flat = traverse_util.flatten_dict(scales)
+    assert flat[("head", "kernel")] == flat[("head", "bias")] == 10.0
+    assert flat[("head", "input_mean")] == flat[("head", "input_std")] == 0.0
+    assert flat[("encoder", "norm", "scale")] == 1.0  # the final norm keeps MAE's factor
+    tx = layer_decay.make_optimizer(cfg, 8, 10, scales)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert not np.any(np.asarray(updates["head"]["input_mean"])) and not np.any(np.asarray(updates["head"]["input_std"]))
+    assert np.all(np.asarray(updates["head"]["kernel"]) != 0)

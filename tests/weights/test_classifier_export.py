@@ -48,8 +48,11 @@ def finetuned(model_cfg, random_params):
 
 def jax_logits(forward, cfg, params, images, readout):
     tokens = forward(encoder_from_config(cfg), params["encoder"], images)  # [B, 1+N, D], final-normed
-    feature = tokens[:, 0] if readout == "cls" else tokens[:, 1:].mean(axis=1)
-    return feature.astype(np.float64) @ params["head"]["kernel"] + params["head"]["bias"]
+    feature = (tokens[:, 0] if readout == "cls" else tokens[:, 1:].mean(axis=1)).astype(np.float64)
+    head = params["head"]
+    if "input_mean" in head:  # the fine-tune's fixed input standardisation, as finetuning/model.py applies it
+        feature = (feature - head["input_mean"]) / head["input_std"]
+    return feature @ head["kernel"] + head["bias"]
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -65,6 +68,10 @@ def timm_logits(model, images) -> np.ndarray:
 @pytest.mark.parametrize("readout", ["cls", "mean"])
 def test_timm_loads_the_folder_and_gives_our_logits(finetuned, faces, utkface_dir, forward, tmp_path, readout):
     cfg, params = finetuned
+    if readout == "mean":  # a head with its fixed input standardisation: the export folds it into head.weight
+        rng = np.random.default_rng(3)
+        params = dict(params, head=dict(params["head"], input_mean=rng.standard_normal(64).astype(np.float32),
+                                         input_std=rng.uniform(0.05, 2.0, 64).astype(np.float32)))
     folder = export_classifier_folder(params, cfg, readout, OUTPUTS, tmp_path / "export",
                                       card={"data": "UTKFace (test)"})
     config = json.loads((folder / "config.json").read_text())
@@ -141,6 +148,11 @@ def test_refusals_name_what_is_wrong(finetuned, tmp_path):
         classifier_state_dict(params["encoder"], cfg)
     with pytest.raises(ConversionError, match=r"head/kernel: shape \(32, 4\)"):
         classifier_state_dict(dict(params, head={"kernel": np.zeros((32, K)), "bias": np.zeros(K)}), cfg)
+    with pytest.raises(ConversionError, match=r"head/input_mean/input_std: shapes \[\(32,\), \(64,\)\]"):
+        classifier_state_dict(dict(params, head=dict(params["head"], input_mean=np.zeros(32), input_std=np.ones(64))),
+                              cfg)
+    with pytest.raises(ConversionError, match=r"head holds \['bias', 'input_mean', 'kernel'\]"):
+        classifier_state_dict(dict(params, head=dict(params["head"], input_mean=np.zeros(64))), cfg)
     bad = [dict(OUTPUTS[0], std=None), dict(OUTPUTS[1], index=2, classes=["a", "b"])]
     with pytest.raises(ConversionError) as info:
         check_outputs(bad)
