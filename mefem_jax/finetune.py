@@ -94,7 +94,7 @@ def _task(config, workdir, encoder_params, train, val, outputs) -> loop.Task:
         params = jax.device_get(held["run"].pieces.model.init(jax.random.PRNGKey(config.seed),
                                                               step_lib.dummy_images(config))["params"])
         params["encoder"] = encoder_params
-        if config.head.standardize or config.head.init == "probe":
+        if config.head.standardize != "none" or config.head.init == "probe":
             params["head"] = _start_head(config, held["run"].pieces, encoder_params, train, y_train, outputs,
                                          params["head"])
         return params
@@ -124,9 +124,9 @@ def _task(config, workdir, encoder_params, train, val, outputs) -> loop.Task:
 
 
 def _start_head(config, pieces, encoder_params, train, y_train, outputs, head: dict) -> dict:
-    """The head at step 0: its fixed input standardisation measured on the frozen encoder's features, and
-    with LP-FT (head.init='probe') a linear probe fitted on them; without head.standardize both are
-    folded into a plain Linear.
+    """The head at step 0: its input standardisation measured on the frozen encoder's features, and with
+    LP-FT (head.init='probe') a linear probe fitted on them; with head.standardize='none' both are folded
+    into a plain Linear.
 
     The features are of one augmented view per face, the views the fine-tune trains on: a probe fitted
     on whole faces alone can lean on directions that a crop moves far, and start the fine-tune with a
@@ -143,7 +143,7 @@ def _start_head(config, pieces, encoder_params, train, y_train, outputs, head: d
         logging.info("head: a linear probe fitted on %d frozen feature rows (LP-FT)", len(features))
     logging.info("head input: standardised by the spread over %d faces (median std %.3g, median |mean| %.3g)",
                  len(features), float(np.median(stats["input_std"])), float(np.median(np.abs(stats["input_mean"]))))
-    return head if config.head.standardize else fold_standardisation(head)
+    return fold_standardisation(head) if config.head.standardize == "none" else head
 
 
 def _host_params(params):

@@ -33,8 +33,9 @@ WARMUP=${WARMUP:-$((STEPS / 10))}
 # loss 1.565 -> 1.558 by step 80, runs/finetune_lowlr); the recipe is made for MAE's 100 epochs.
 LR=${LR:-4e-3}
 HEAD_INIT=${HEAD_INIT:-zero}  # zero (MAE's near-zero head) | probe (LP-FT); see docs/RESULTS.md
-STANDARDIZE=${STANDARDIZE:-true}  # the head reads the frozen features standardised (finetuning/model.py)
+STANDARDIZE=${STANDARDIZE:-batch}  # batch | fixed | none: the head's input standardisation (finetuning/model.py)
 HEAD_LR_SCALE=${HEAD_LR_SCALE:-1}
+EXTRA=${EXTRA:-}  # more --config.KEY=VALUE flags for every fine-tune, e.g. "--config.drop_path=0"
 TARGETS=age:regression,gender:classification
 VAL="$LABELS:images=$IMAGES,split=val"
 # SCORE_TEST=0: validation only (choosing knobs), no test scoring and no probes
@@ -56,7 +57,7 @@ for init in $INITS; do
     [[ -f "$workdir/test/report.json" ]] && continue  # a finished validation-only run just returns
     python -m mefem_jax.finetune --config=configs/finetune.py:cpu --workdir="$workdir" --config.init="$spec" \
       --config.seed="$seed" --config.target="$TARGETS" --config.total_steps="$STEPS" --config.optim.warmup_steps="$WARMUP" --config.optim.lr="$LR" --config.head.init="$HEAD_INIT" \
-      --config.head.standardize="$STANDARDIZE" --config.head.lr_scale="$HEAD_LR_SCALE" \
+      --config.head.standardize="$STANDARDIZE" --config.head.lr_scale="$HEAD_LR_SCALE" $EXTRA \
       --config.eval.every_steps="$EVAL_EVERY" --config.data.train="$(train_spec "$n")" \
       --config.data.val="$VAL" --config.data.test="$TEST"
   done

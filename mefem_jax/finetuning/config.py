@@ -17,13 +17,15 @@ Where the numbers come from:
   the small `:cpu` encoder its probe, fitted on standardised features, leans on directions whose spread
   over faces is tiny, and the first updates of the encoder moved them enough to blow the loss up
   (validation loss 1.39 at step 0, train loss 18.8 and gradient norm 16k at step 25; docs/RESULTS.md).
-* **The head reads standardised features** (`head.standardize`, on by default): before step 0 the frozen
-  encoder's features of one augmented view of at most `head.probe_rows` train faces give a mean and
-  spread per dimension, kept fixed in the head and folded into `head.weight` / `head.bias` at export.
-  It is MAE's linear-probing BatchNorm without affine, frozen. Without it, on a small encoder whose
-  features vary from face to face by a fraction of their size, a near-zero head needs weights of order
-  1 / spread, which Adam reaches only after thousands of steps (docs/RESULTS.md, "Fine-tuning").
-  `head.lr_scale` multiplies the head's learning rate (1: MAE's, the base rate the final norm also gets).
+* **The head reads standardised features** (`head.standardize='batch'`, the default): BatchNorm without
+  affine before the linear head, MAE's linear-probing head (Appendix A.2), kept through the fine-tune;
+  its tracked mean and spread start from the frozen encoder's features of one augmented view of at most
+  `head.probe_rows` train faces and are folded into `head.weight` / `head.bias` at export. 'fixed' keeps
+  that start unchanged; 'none' is MAE's fine-tuning head. Why, from the small `:cpu` encoder: its
+  features vary from face to face by a fraction of their size, so a near-zero head on raw features
+  hardly grows in a short fine-tune, and with a fixed standardisation any encoder update moves every
+  logit far (docs/RESULTS.md, "Fine-tuning"). `head.lr_scale` multiplies the head's learning rate
+  (1: MAE's, the base rate the final norm also gets).
 * **Crop and flip**: the pretraining pipeline's random-resized crop (0.3-1 of the face) and flip, in the
   step. MAE also uses RandAugment, mixup and cutmix, which are made for object classes, not faces.
 * **Age-balanced sampling** (`data.balance='age:10'`): FAHR-FaceAge's inverse-frequency balancing.
@@ -37,7 +39,7 @@ import ml_collections
 
 from mefem_jax import config_checks as checks
 from mefem_jax.data.config import DATA_RULES, default_data_config
-from mefem_jax.finetuning.model import READOUTS
+from mefem_jax.finetuning.model import READOUTS, STANDARDIZE
 from mefem_jax.models.vit import default_model_config
 from mefem_jax.training import optim
 
@@ -52,10 +54,10 @@ def default_finetune_config() -> ml_collections.ConfigDict:
     c.init = ""                    # the encoder: anything encoders.load_encoder reads (run, step, export, .pth.tar)
     c.target = "age:regression"    # evaluate's --targets grammar; regression and classification
     c.drop_path = 0.1
-    # standardize: the head reads its input standardised by the frozen features' spread over at most
-    #   probe_rows train faces (fixed; folded into head.weight at export). lr_scale: the head's lr over the base.
-    # probe_rows: LP-FT fits the starting head on at most this many train faces (a fixed random sample; 0 = all)
-    c.head = dict(readout="cls", init="zero", probe_rows=4096, standardize=True, lr_scale=1.0)
+    # standardize: batch | fixed | none (finetuning/model.py LinearHead); momentum: the tracked statistics'
+    #   share kept per step ('batch'). lr_scale: the head's lr over the base rate.
+    # probe_rows: the start's statistics and LP-FT's probe use at most this many train faces (0 = all)
+    c.head = dict(readout="cls", init="zero", probe_rows=4096, standardize="batch", momentum=0.9, lr_scale=1.0)
     c.model = default_model_config()  # replaced by the encoder's at start-up
     c.model.scan_layers = False       # drop path and layer decay need the blocks unrolled
     c.optim = optim.default_optim_config()
@@ -102,6 +104,8 @@ FINETUNE_RULES = (
     checks.one_of("head.readout", READOUTS),
     checks.one_of("head.init", HEAD_INITS),
     checks.positive("head.lr_scale"),
+    checks.one_of("head.standardize", STANDARDIZE),
+    checks.in_range("head.momentum", lo=0, hi=1, closed_hi=False),
     checks.Rule(("head.probe_rows",), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                 "an integer >= 0 (0: every train face)"),
 )

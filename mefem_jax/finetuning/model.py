@@ -3,9 +3,8 @@
 Parameters are `{"encoder": <ViT params, the layout timm_keys.py maps>, "head": {"kernel", "bias"}}`,
 so the encoder half is exactly what `encoders.load_encoder_params` returns and what an export writes,
 and the head is timm's `head` Linear (weights/classifier.py maps it). With `standardize` the head also
-holds `input_mean` and `input_std`, fixed: it reads `(feature - input_mean) / input_std`, the frozen
-encoder's spread over the train faces measured before step 0 (finetune.py), and the export folds them
-into `head.weight` / `head.bias`. The readouts are the ones timm
+holds `input_mean` and `input_std` and reads `(feature - input_mean) / input_std` (LinearHead says
+where they come from); the export folds them into `head.weight` / `head.bias`. The readouts are the ones timm
 computes with `global_pool="token"` (CLS) and `global_pool="avg", fc_norm=False` (the mean of the
 final-normed patch tokens), which is what makes the export equal to this model.
 """
@@ -29,26 +28,44 @@ def readout(tokens: jax.Array, how: str) -> jax.Array:
     raise ValueError(f"head.readout must be one of {READOUTS}, got {how!r}")
 
 
-class LinearHead(nn.Module):
-    """logits = z @ kernel + bias, with z the feature, or with `standardize` the feature standardised by
-    the fixed `input_mean` / `input_std` (set before step 0; no gradient reaches them, and the optimiser
-    gives them no step: finetuning/layer_decay.py).
+STANDARDIZE = ("batch", "fixed", "none")
+BATCH_EPS = 1e-6  # MAE's linear-probe BatchNorm eps
 
-    Why standardise: a small pretrained encoder's final-normed features can vary from face to face by a
-    fraction of their size. A head on the raw features then needs weights of order 1 / spread, which
-    Adam, moving each weight by about the learning rate per step, takes thousands of steps to reach; on
-    the standardised features the same head is of order 1. This is MAE's linear-probing BatchNorm
-    without affine, frozen at the start so the export stays a plain Linear."""
+
+class LinearHead(nn.Module):
+    """logits = z @ kernel + bias on the feature z, standardised per `standardize`:
+
+    * "none":  z is the feature itself.
+    * "fixed": z = (feature - input_mean) / input_std, both measured on the frozen encoder before step 0
+               and never changed (no gradient reaches them; the optimiser gives them a factor of 0).
+    * "batch": BatchNorm without affine, as MAE's linear-probing head: in training z is standardised by
+               the batch's own mean and std (the global batch: the step is one SPMD program), and the
+               step moves input_mean / input_std towards them (step.py); evaluation and the export use
+               those tracked values.
+
+    Why: a small pretrained encoder's final-normed features can vary from face to face by a fraction of
+    their size (the 1,000-step `:cpu` encoder: median std 0.04 against |mean| 0.65). On the raw features a
+    head needs weights of order 1 / spread, which Adam reaches only after thousands of steps. And any
+    update of the encoder moves the large shared part of the features by many spreads, which a fixed
+    standardisation turns into a large shift of every logit; batch statistics follow the shift, and
+    their gradient does not push the encoder along it. Either way the export folds input_mean /
+    input_std into a plain Linear."""
     num_logits: int
-    standardize: bool = False
+    standardize: str = "none"
 
     @nn.compact
-    def __call__(self, feature: jax.Array) -> jax.Array:
+    def __call__(self, feature: jax.Array, training: bool = False) -> jax.Array:
         width = feature.shape[-1]
-        if self.standardize:
+        if self.standardize != "none":
             mean = self.param("input_mean", nn.initializers.zeros, (width,), jnp.float32)
             std = self.param("input_std", nn.initializers.ones, (width,), jnp.float32)
-            feature = (feature - jax.lax.stop_gradient(mean)) / jax.lax.stop_gradient(std)
+            if training and self.standardize == "batch":
+                mean, std = feature.mean(0), jnp.sqrt(feature.var(0) + BATCH_EPS)
+                self.sow("batch_stats", "input_mean", jax.lax.stop_gradient(mean))
+                self.sow("batch_stats", "input_std", jax.lax.stop_gradient(std))
+            else:
+                mean, std = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(std)
+            feature = (feature - mean) / std
         # MAE initialises the head at std 2e-5: the pretrained features are not disturbed while it finds its
         # scale. With head.init='probe' (LP-FT) it is replaced by a fitted linear probe before step 0.
         kernel = self.param("kernel", nn.initializers.truncated_normal(2e-5), (width, self.num_logits), jnp.float32)
@@ -60,13 +77,14 @@ class Classifier(nn.Module):
     encoder: ViT
     num_logits: int
     how: str = "cls"
-    standardize: bool = False
+    standardize: str = "none"
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Logits; `deterministic=False` is the training step's call (drop path on, batch statistics)."""
         tokens = self.encoder(images, deterministic=deterministic)
         head = LinearHead(self.num_logits, self.standardize, name="head")
-        return head(readout(tokens, self.how).astype(jnp.float32))
+        return head(readout(tokens, self.how).astype(jnp.float32), training=not deterministic)
 
     def features(self, images: jax.Array) -> jax.Array:
         """The head's input, deterministic: for fitting the LP-FT probe."""

@@ -46,11 +46,12 @@ class FinetunePieces:
     image_size: int
     input_size: int
     prepare_images: Callable
+    momentum: float  # head.standardize='batch': the tracked statistics' share kept per step
 
 
 def build(config, outputs: tuple[outputs_lib.Output, ...]) -> FinetunePieces:
     encoder = encoder_from_config(config.model).clone(drop_path=float(config.drop_path))
-    model = Classifier(encoder, outputs_lib.num_logits(outputs), config.head.readout, bool(config.head.standardize))
+    model = Classifier(encoder, outputs_lib.num_logits(outputs), config.head.readout, config.head.standardize)
     _, depth, _ = encoder_dims(config.model)
     batch, steps = config.data.batch_size, config.total_steps
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_images(config)))["params"]
@@ -59,7 +60,8 @@ def build(config, outputs: tuple[outputs_lib.Output, ...]) -> FinetunePieces:
         model=model, outputs=outputs, tx=layer_decay.make_optimizer(config.optim, batch, steps, scales),
         lr=optim.lr_schedule(config.optim, batch, steps), image_size=config.model.image_size,
         input_size=device_augment.input_size(config.data, config.model.image_size),
-        prepare_images=device_augment.prepare_from_config(config.data, config.model.image_size))
+        prepare_images=device_augment.prepare_from_config(config.data, config.model.image_size),
+        momentum=float(config.head.momentum))
 
 
 def dummy_images(config) -> jax.Array:
@@ -73,18 +75,31 @@ def make_train_step(pieces: FinetunePieces):
         images = pieces.prepare_images(batch["image"], jax.random.fold_in(rng, _AUGMENT_STREAM))
 
         def loss_fn(params):
-            logits = pieces.model.apply({"params": params}, images, deterministic=False,
-                                        rngs={"dropout": jax.random.fold_in(rng, _DROP_STREAM)})
-            return outputs_lib.loss(pieces.outputs, logits, batch["labels"])
+            logits, sown = pieces.model.apply({"params": params}, images, deterministic=False,
+                                              rngs={"dropout": jax.random.fold_in(rng, _DROP_STREAM)},
+                                              mutable=["batch_stats"])
+            loss, terms = outputs_lib.loss(pieces.outputs, logits, batch["labels"])
+            return loss, (terms, sown.get("batch_stats", {}))
 
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = pieces.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = _track_batch_stats(optax.apply_updates(state.params, updates), batch_stats, pieces.momentum)
         metrics = dict(terms, loss=loss, lr=pieces.lr(state.step), grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(params))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
+
+
+def _track_batch_stats(params, batch_stats, momentum: float):
+    """head.standardize='batch': input_mean / input_std move towards this batch's, as BatchNorm's running
+    averages do (torch's momentum 0.1 is our 0.9: the share of the old value)."""
+    if not batch_stats:
+        return params
+    head = dict(params["head"])
+    for key, (value,) in batch_stats["head"].items():
+        head[key] = momentum * head[key] + (1 - momentum) * value
+    return dict(params, head=head)
 
 
 def make_predict(pieces: FinetunePieces):

@@ -83,12 +83,12 @@ def test_the_cpu_recipe_through_the_entry_point(cpu_run):
     assert (workdir / "test" / "start_predictions.csv").read_text().count("\n") == 9
     rows = read_metrics(workdir / "metrics.jsonl")
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
-    # head.standardize (the default): the head's input standardisation, measured before step 0, never moved
+    # head.standardize='batch' (the default): the head's input statistics, measured before step 0, then
+    # tracked by the steps
     start, end = best_lib.load(workdir, best_lib.START)[0]["head"], _saved_params(workdir, 4)["head"]
     assert np.all(np.asarray(start["input_std"]) > 0) and np.any(np.asarray(start["input_mean"]) != 0)
-    for key in ("input_mean", "input_std"):
-        np.testing.assert_array_equal(np.asarray(end[key]), np.asarray(start[key]))
-    assert np.any(np.asarray(end["kernel"]) != np.asarray(start["kernel"]))
+    for key in ("input_mean", "input_std", "kernel"):
+        assert np.all(np.isfinite(end[key])) and np.any(np.asarray(end[key]) != np.asarray(start[key])), key
 
 
 def test_a_resumed_fine_tune_computes_what_an_uninterrupted_one_did(cpu_run, labels, tmp_path):
