@@ -24,7 +24,8 @@ For every target and each feature set (CLS token, mean-pooled patches, patch tok
 cross-validation on train, and scored once on test, with a bootstrap 95 % interval over the test
 rows. The report also gives the effective rank (RankMe) of the CLS, mean-pooled and patch-token
 embeddings of the test images, and warns when one has collapsed. Writes OUT/report.json,
-OUT/report.md and PNG plots. Embeddings are cached (see
+OUT/report.md, PNG plots and OUT/per_face.csv (every probe's per-face test score, for pairing with
+scores made elsewhere). Embeddings are cached (see
 embeddings.py), so re-running with other targets costs only the probes.
 
 --grid_size is at most the model's patch grid (image size / patch size a side: 14 for 224 px and
@@ -62,7 +63,7 @@ from mefem_jax import cli
 from mefem_jax.data import face_hash
 from mefem_jax.evaluation import label_efficiency, rankme
 from mefem_jax.evaluation import report as eval_report
-from mefem_jax.evaluation.compare import paired_comparison
+from mefem_jax.evaluation.compare import paired_comparison, write_per_face
 from mefem_jax.evaluation.data import open_eval_data, spec_hashes, split_specs
 from mefem_jax.evaluation.embeddings import FEATURES, GRID_SIZE, PIXEL_SIZE, default_cache_dir
 from mefem_jax.evaluation.encoder_source import open_encoders
@@ -157,6 +158,8 @@ def run_evaluation(model: str | list[str], out: str | Path, train: str | None = 
                 _run_verification(pairs_parsed, emb_pairs, plan.features, out, prefix, encoder.label, report)
         if len(encoders) > 1:
             report["comparison"] = paired_comparison(scored, encoders[0].label, seed=seed)
+        if scored:  # for pairing with scores made elsewhere (a fine-tune's test/predictions.csv)
+            write_per_face(out / "per_face.csv", scored)
         for target in plan.targets:
             rows = [r for r in report["fewshot"] if r["target"] == target.name]
             if rows:

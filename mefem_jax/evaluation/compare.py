@@ -13,6 +13,7 @@ Faces are paired by id, over the faces both encoders scored: an encoder that cou
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,4 +71,24 @@ def paired_comparison(scored: list[Scored], baseline: str, seed: int = 0) -> lis
                      "value": float(s.per_face[i].mean()), "baseline_value": float(ref.per_face[j].mean()),
                      "n_paired": int(len(shared)), **diff,
                      "verdict": "better" if better else "worse" if worse else "no clear difference"})
+    return rows
+
+
+PER_FACE_COLUMNS = ("model", "target", "kind", "features", "protocol", "k", "id", "score")
+
+
+def write_per_face(path, scored: list[Scored]) -> int:
+    """Every probe's per-face test score (module docstring) as one CSV, so runs made elsewhere (a
+    fine-tune's test/predictions.csv, another evaluate) can be paired with these probes face by face.
+    Returns the number of rows written."""
+    rows = 0
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(PER_FACE_COLUMNS)
+        for s in scored:
+            head = [s.row["model"], s.row["target"], s.row["kind"], s.row["features"],
+                    s.row.get("protocol", "linear"), "" if s.row.get("k") is None else s.row["k"]]
+            for face, score in zip(s.ids, s.per_face):
+                writer.writerow(head + [face, repr(float(score))])
+                rows += 1
     return rows

@@ -1,5 +1,6 @@
 """`evaluate` with everything issue 23 added, end to end on real UTKFace faces: two encoders (ours and a
 timm ViT) compared face by face, kNN and label efficiency, subgroups and saliency, in one report."""
+import csv
 import json
 
 import numpy as np
@@ -44,6 +45,15 @@ def test_every_encoder_is_probed_and_compared_face_by_face(compared):
     assert compared_rows[("age", "grid", "linear", None)]["value"] == pytest.approx(timm_age["metrics"]["mae"])
     md = (out / "report.md").read_text()
     assert "against `random:vitti@64`" in md and "kNN k=20" in md
+    # per_face.csv: every probe's per-face scores, whose mean is that probe's headline metric
+    with open(out / "per_face.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for probe in report["probes"]:
+        key = (probe["model"], probe["target"], probe["features"], probe["protocol"], str(probe.get("k") or ""))
+        scores = [float(r["score"]) for r in rows if (r["model"], r["target"], r["features"], r["protocol"], r["k"]) == key]
+        assert len(scores) == 40, key
+        headline = "mae" if probe["kind"] == "regression" else "accuracy"
+        assert np.mean(scores) == pytest.approx(probe["metrics"][headline]), key
 
 
 def test_label_efficiency_subgroups_and_saliency_are_in_the_report(compared):
