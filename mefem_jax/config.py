@@ -23,8 +23,9 @@ from mefem_jax import config_checks as checks
 from mefem_jax import masking
 from mefem_jax.data.config import DATA_RULES, default_data_config
 from mefem_jax.evaluation.config import EVAL_RULES, default_eval_config
+from mefem_jax.models import attention_impl
 from mefem_jax.models.predictor import default_predictor_config
-from mefem_jax.models.vit import default_model_config, patch_grid
+from mefem_jax.models.vit import compute_dtype, default_model_config, encoder_dims, patch_grid
 from mefem_jax.objective import losses
 from mefem_jax.training import optim
 
@@ -69,6 +70,7 @@ RUN_RULES = (
     checks.positive("log_every", "model.patch_size", "model.image_size",
                     "checkpoint.every_steps", "checkpoint.max_to_keep"),
     checks.Rule(("mesh.data", "mesh.fsdp"), lambda v: isinstance(v, int) and (v == -1 or v >= 1), "-1 or >= 1"),
+    checks.one_of("model.attention", attention_impl.CHOICES),
 )
 SECTION_RULES = {"": RUN_RULES, "mask": masking.MASK_RULES, "loss": losses.LOSS_RULES,
                  "optim": optim.OPTIM_RULES, "data": DATA_RULES, "eval": EVAL_RULES}
@@ -87,6 +89,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if "grid" in str(c.eval.features).split(","):  # a grid finer than the patches only repeats them
         checks.require("eval.grid_size", c.eval.grid_size, c.eval.grid_size <= side,
                        f"at most the model's patch grid side, {side}")
+    if c.model.attention == "cudnn":  # refused here, on this process's backend, rather than in the first trace
+        width, _, heads = encoder_dims(c.model)
+        predictor_heads = c.predictor.heads or heads
+        attention_impl.check_attention("cudnn", compute_dtype(c.model.dtype),
+                                       (width // heads, c.predictor.width // predictor_heads))
 
 
 def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mefem_jax.models.vit import (compute_dtype, encoder_dims, key_mask, layer_norm, patch_grid, run_blocks,
-                                  sincos_pos_embed, trunc_normal)
+from mefem_jax.models import attention_impl
+from mefem_jax.models.vit import (attention_of, compute_dtype, encoder_dims, key_mask, layer_norm, patch_grid,
+                                  run_blocks, sincos_pos_embed, trunc_normal)
 
 
 def default_predictor_config() -> ml_collections.ConfigDict:
@@ -49,6 +50,7 @@ class Predictor(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     scan: bool = False  # blocks as one scanned subtree (see `vit.run_blocks`)
+    attention: str = attention_impl.DEFAULT  # the encoder's model.attention (models/attention_impl.py)
 
     @nn.compact
     def __call__(self, ctx_tokens: jax.Array, ctx_idx: jax.Array, ctx_valid: jax.Array,
@@ -84,7 +86,7 @@ class Predictor(nn.Module):
         mask = key_mask(keys)
 
         x = run_blocks(x, mask, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio,
-                       dtype=self.dtype, remat=self.remat, scan=self.scan)
+                       dtype=self.dtype, remat=self.remat, scan=self.scan, attention=self.attention)
         # Only the CLS query and the target slots are predictions; drop the context rows before
         # the norm and projection so no work is spent on them.
         x = layer_norm(self.dtype, "predictor_norm")(x[:, 1 + k_ctx:])
@@ -95,7 +97,8 @@ class Predictor(nn.Module):
 def predictor_from_config(model_cfg, predictor_cfg) -> Predictor:
     """Build the predictor for the encoder described by `model_cfg`.
 
-    predictor_cfg: `width`, `depth`, `heads` (None = the encoder's heads, as in I-JEPA).
+    predictor_cfg: `width`, `depth`, `heads` (None = the encoder's heads, as in I-JEPA). The attention kernel
+    is the encoder's `model.attention`.
     """
     enc_width, _, enc_heads = encoder_dims(model_cfg)
     heads = predictor_cfg.get("heads")
@@ -104,4 +107,5 @@ def predictor_from_config(model_cfg, predictor_cfg) -> Predictor:
         raise ValueError(f"predictor width {predictor_cfg.width} is not divisible by heads {heads}")
     return Predictor(out_width=enc_width, width=predictor_cfg.width, depth=predictor_cfg.depth,
                      heads=heads, grid=patch_grid(model_cfg), dtype=compute_dtype(model_cfg.dtype),
-                     remat=bool(model_cfg.remat), scan=bool(model_cfg.get("scan_layers", False)))
+                     remat=bool(model_cfg.remat), scan=bool(model_cfg.get("scan_layers", False)),
+                     attention=attention_of(model_cfg, predictor_cfg.width // heads))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mefem_jax.models import attention_impl
 from mefem_jax.models.activation_sharding import batch_sharded
 
 # name -> (width, depth, heads), the standard ViT sizes (Dosovitskiy et al.; DeiT for Ti).
@@ -43,10 +44,13 @@ def default_model_config() -> ml_collections.ConfigDict:
     in the backward pass; `scan_layers` runs the blocks as one scanned stack (`run_blocks`): one compiled
     block body, so compiles are 2-4x shorter and the CPU step faster (benchmarks/RESULTS.md).
     Checkpoints hold the stacked layout; export and evaluation convert, so timm files are the same.
+    `attention` picks the attention kernel of the encoder and the predictor: "xla" (the default, the call
+    made before the key existed), "cudnn" (fused flash attention; refused at start-up where it cannot run)
+    or "auto" (cuDNN where it can run, else exactly "xla"); see models/attention_impl.py.
     """
     return ml_collections.ConfigDict(dict(
         variant="B", patch_size=16, image_size=224, posemb="sincos", width=None, depth=None, heads=None,
-        dtype="bfloat16", remat=False, scan_layers=True))
+        dtype="bfloat16", remat=False, scan_layers=True, attention=attention_impl.DEFAULT))
 
 
 # The keys that decide the parameter tree's shapes: a checkpoint cannot continue under other values.
@@ -113,16 +117,19 @@ def key_mask(valid: jax.Array | None) -> jax.Array | None:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (timm's layout: out = [3, heads, dh])."""
+    """Multi-head self-attention with a fused qkv projection (timm's layout: out = [3, heads, dh]).
+
+    `implementation`: "xla" | "cudnn" | "auto", resolved when traced (models/attention_impl.py)."""
     heads: int
     dtype: Any = jnp.float32
+    implementation: str = attention_impl.DEFAULT
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         b, t, width = x.shape
         qkv = _dense(3 * width, self.dtype, "qkv")(x)
         q, k, v = einops.rearrange(qkv, "b t (qkv h d) -> qkv b t h d", qkv=3, h=self.heads)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, H] in and out
+        out = attention_impl.dot_product_attention(q, k, v, mask, self.implementation)  # [B, T, N, H]
         return _dense(width, self.dtype, "proj")(out.reshape(b, t, width))
 
 
@@ -147,13 +154,15 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
     drop_path: float = 0.0
+    attention: str = attention_impl.DEFAULT  # the kernel (models/attention_impl.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         x = batch_sharded(x)  # see models/activation_sharding.py: FSDP gathers weights, not activations
         # One mask per example, shared over tokens and channels (broadcast_dims): stochastic depth.
         drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=deterministic or not self.drop_path)
-        x = x + drop(Attention(self.heads, self.dtype, name="attn")(layer_norm(self.dtype, "norm1")(x), mask))
+        attention = Attention(self.heads, self.dtype, self.attention, name="attn")
+        x = x + drop(attention(layer_norm(self.dtype, "norm1")(x), mask))
         hidden = int(x.shape[-1] * self.mlp_ratio)
         return x + drop(Mlp(hidden, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x)))
 
@@ -167,7 +176,7 @@ class _ScanBlock(Block):
 
 def run_blocks(x: jax.Array, mask: jax.Array | None, *, depth: int, heads: int, mlp_ratio: float,
                dtype: Any, remat: bool, scan: bool, drop_path: float = 0.0,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, attention: str = attention_impl.DEFAULT) -> jax.Array:
     """`depth` blocks on `x`, created as children of the calling (compact) module.
 
     Unrolled (`scan=False`), the parameters are `blocks_0 ... blocks_{depth-1}`, one subtree per block,
@@ -180,6 +189,7 @@ def run_blocks(x: jax.Array, mask: jax.Array | None, *, depth: int, heads: int, 
     `remat` recomputes each block's activations in the backward pass, in either form.
     `drop_path` is the last block's stochastic-depth rate; block i gets `drop_path * i / (depth - 1)`, timm's
     linear rule. Unrolled blocks only: each block has its own rate, which one scanned body cannot hold.
+    `attention` is every block's attention kernel (models/attention_impl.py).
     """
     if drop_path and scan:
         raise ValueError("drop_path needs unrolled blocks (model.scan_layers=False)")
@@ -187,12 +197,12 @@ def run_blocks(x: jax.Array, mask: jax.Array | None, *, depth: int, heads: int, 
         body = nn.remat(_ScanBlock, prevent_cse=False) if remat else _ScanBlock  # CSE is moot in a loop
         stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=nn.broadcast, length=depth)
-        x, _ = stack(heads, mlp_ratio, dtype, name="blocks")(x, mask)
+        x, _ = stack(heads, mlp_ratio, dtype, attention=attention, name="blocks")(x, mask)
         return x
     block = nn.remat(Block, static_argnums=(3,)) if remat else Block  # `deterministic` is a Python bool
     for i in range(depth):
         rate = drop_path * i / max(depth - 1, 1)
-        x = block(heads, mlp_ratio, dtype, rate, name=f"blocks_{i}")(x, mask, deterministic)
+        x = block(heads, mlp_ratio, dtype, rate, attention, name=f"blocks_{i}")(x, mask, deterministic)
     return x
 
 
@@ -252,6 +262,7 @@ class ViT(nn.Module):
     remat: bool = False
     scan: bool = False  # one scanned `blocks` subtree instead of `blocks_{i}` (see `run_blocks`)
     drop_path: float = 0.0  # stochastic depth of the last block (fine-tuning); see `run_blocks`
+    attention: str = attention_impl.DEFAULT  # "xla" | "cudnn" | "auto" (models/attention_impl.py)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -302,7 +313,7 @@ class ViT(nn.Module):
 
         x = run_blocks(x, mask, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio,
                        dtype=self.dtype, remat=self.remat, scan=self.scan, drop_path=self.drop_path,
-                       deterministic=deterministic)
+                       deterministic=deterministic, attention=self.attention)
         return layer_norm(self.dtype, "norm")(x)
 
 
@@ -325,11 +336,18 @@ def encoder_dims(model_cfg) -> tuple[int, int, int]:
     return width, depth, heads
 
 
+def attention_of(model_cfg, head_dim: int) -> str:
+    """`model.attention` (absent in configs saved before it: "xla"), refused here where it cannot run."""
+    requested = model_cfg.get("attention", "xla")
+    attention_impl.check_attention(requested, compute_dtype(model_cfg.dtype), (head_dim,))
+    return requested
+
+
 def encoder_from_config(model_cfg) -> ViT:
     """Build the encoder from the `model` ConfigDict (variant, patch_size, image_size, posemb,
-    dtype, remat, scan_layers and optional width/depth/heads overrides)."""
+    dtype, remat, scan_layers, attention and optional width/depth/heads overrides)."""
     width, depth, heads = encoder_dims(model_cfg)
     return ViT(width=width, depth=depth, heads=heads, patch_size=model_cfg.patch_size,
                image_size=model_cfg.image_size, posemb=model_cfg.posemb,
                dtype=compute_dtype(model_cfg.dtype), remat=bool(model_cfg.remat),
-               scan=bool(model_cfg.get("scan_layers", False)))
+               scan=bool(model_cfg.get("scan_layers", False)), attention=attention_of(model_cfg, width // heads))

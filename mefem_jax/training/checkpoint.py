@@ -35,7 +35,7 @@ from mefem_jax.models import predictor, vit
 # ones each model's schema names as shaping its parameters.
 INCOMPATIBLE_KEYS = (("model", vit.PARAM_SHAPE_KEYS), ("predictor", predictor.PARAM_SHAPE_KEYS))
 # What a key means when a config saved before it existed lacks it.
-ABSENT_MEANS = {("model", "scan_layers"): False}
+ABSENT_MEANS = {("model", "scan_layers"): False, ("model", "attention"): "xla"}
 
 
 class IncompatibleCheckpointError(ValueError):
