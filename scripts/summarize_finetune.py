@@ -4,8 +4,9 @@
 
 Reads OUT/{pretrained,random}_n{N}_s{SEED}/ (finetune workdirs: test/report.json, test/predictions.csv and,
 for step 0 — with LP-FT the linear probe the fine-tune started from — test/start_predictions.csv) and, when
-present, OUT/probe_n{N}/report.json (evaluate), and writes OUT_DIR/finetune_table.md and
-OUT_DIR/finetune_curve.png (age MAE against labels: pretrained and random init fine-tuned, and the probe).
+present, OUT/probe_n{N}/ (evaluate of both inits: report.json, per_face.csv), and writes
+OUT_DIR/finetune_table.md and OUT_DIR/finetune_curve.png (age MAE against labels: each init fine-tuned and
+probed).
 Comparisons are paired per seed over the same test faces (absolute age error, 0/1 gender correctness;
 evaluation.bootstrap.paired_difference).
 """
@@ -59,9 +60,10 @@ def _lp_ft(workdir: Path) -> bool:
     return json.loads((workdir / "config.json").read_text())["head"]["init"] == "probe"
 
 
-def _paired(a: Path, b: Path) -> str:
-    """'age MAE difference [CI] | gender accuracy difference (points) [CI]' of two predictions.csv, a - b."""
-    pa, pb = _per_face(a), _per_face(b)
+def _paired(a: Path | dict, b: Path | dict) -> str:
+    """'age MAE difference [CI] | gender accuracy difference (points) [CI]', a - b, over the faces both
+    scored; each side a predictions.csv or an id -> (age error, gender correct) map."""
+    pa, pb = (_per_face(x) if isinstance(x, Path) else x for x in (a, b))
     ids = sorted(set(pa) & set(pb))
     x, y = np.array([pa[i] for i in ids]), np.array([pb[i] for i in ids])
     age = paired_difference(x[:, 0], y[:, 0])
@@ -70,14 +72,35 @@ def _paired(a: Path, b: Path) -> str:
             f"{gender['difference']:+.1f} [{gender['low']:+.1f}, {gender['high']:+.1f}]")
 
 
-def _probe(root: Path, n: str) -> dict | None:
-    """evaluate's linear probe of the pretrained encoder on the same labels (optional, PROBES=...)."""
+def _probes(root: Path, n: str) -> dict[str, dict]:
+    """evaluate's linear probes (CLS) on the same labels, per init: OUT/probe_n{N} holds
+    `evaluate --model=PRETRAINED --model=RANDOM_INIT` (finetune_study.sh), its first model the pretrained."""
     path = root / f"probe_n{n}" / "report.json"
     if not path.is_file():
-        return None
-    rows = {r["target"]: r for r in json.loads(path.read_text())["probes"] if r["features"] == "cls"}
-    return {"age_mae": rows["age"]["metrics"]["mae"], "age_ci": rows["age"]["intervals"]["mae"],
-            "gender_acc": rows["gender"]["metrics"]["accuracy"], "gender_ci": rows["gender"]["intervals"]["accuracy"]}
+        return {}
+    report = json.loads(path.read_text())
+    labels = [m["label"] for m in report["models"]]
+    out = {}
+    for init, label in zip(("pretrained", "random"), labels):
+        rows = {r["target"]: r for r in report["probes"]
+                if r["model"] == label and r["features"] == "cls" and r.get("protocol", "linear") == "linear"}
+        per_face = root / f"probe_n{n}" / "per_face.csv"
+        out[init] = {"age_mae": rows["age"]["metrics"]["mae"], "age_ci": rows["age"]["intervals"]["mae"],
+                     "gender_acc": rows["gender"]["metrics"]["accuracy"],
+                     "gender_ci": rows["gender"]["intervals"]["accuracy"],
+                     "per_face": _probe_per_face(per_face, label) if per_face.is_file() else None}
+    return out
+
+
+def _probe_per_face(path: Path, label: str) -> dict[str, tuple[float, float]]:
+    """id -> (absolute age error, gender correct) of one encoder's CLS linear probes in evaluate's per_face.csv."""
+    age, gender = {}, {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["model"] == label and row["features"] == "cls" and row["protocol"] == "linear":
+                (age if row["target"] == "age" else gender if row["target"] == "gender" else {})[row["id"]] = \
+                    float(row["score"])
+    return {i: (age.get(i, np.nan), gender.get(i, np.nan)) for i in set(age) | set(gender)}
 
 
 def _ci(v: float, ci, scale: float = 1.0, digits: int = 2) -> str:
@@ -89,34 +112,38 @@ def _order(n: str) -> float:
 
 
 def table(root: Path) -> tuple[str, dict]:
-    """Three tables: every model on the test split; pretrained vs random init, paired per seed; the
-    pretrained fine-tune against the linear probe it started from (LP-FT's step 0), paired."""
+    """Three tables: every model on the test split; pretrained vs random init fine-tuned, paired per seed;
+    each fine-tune against the linear probe of its own init on the same labels (evaluate's, or with LP-FT
+    the probe it started from), paired."""
     runs = _runs(root)
     counts = sorted({n for _, n, _ in runs}, key=_order)
     scores = ["| labels | seed | model | kept step | age MAE (y) | gender acc (%) |", "|---|---:|---|---:|---:|---:|"]
     versus_random = ["| labels | seed | age MAE: pretrained − random (y) | gender acc: pretrained − random (pts) |",
                      "|---|---:|---:|---:|"]
-    versus_probe = ["| labels | seed | age MAE: fine-tuned − its probe (y) | gender acc: fine-tuned − its probe (pts) |",
-                    "|---|---:|---:|---:|"]
-    curve: dict = {"pretrained": {}, "random": {}, "probe": {}}
+    versus_probe = ["| labels | seed | init | age MAE: fine-tuned − probe (y) | gender acc: fine-tuned − probe (pts) |",
+                    "|---|---:|---|---:|---:|"]
+    curve: dict = {"pretrained": {}, "random": {}, "probe": {}, "random probe": {}}
     for n in counts:
-        probe = _probe(root, n)
-        if probe:
-            scores.append(f"| {n} | – | linear probe (evaluate), pretrained | – | {_ci(probe['age_mae'], probe['age_ci'])} "
+        probes = _probes(root, n)
+        for init, probe in probes.items():
+            curve["probe" if init == "pretrained" else "random probe"][n] = [probe["age_mae"]]
+            scores.append(f"| {n} | – | {init}: linear probe (evaluate) | – | {_ci(probe['age_mae'], probe['age_ci'])} "
                           f"| {_ci(probe['gender_acc'], probe['gender_ci'], 100, 1)} |")
         for seed in sorted({s for _, m, s in runs if m == n}):
             for init in ("pretrained", "random"):
                 if (init, n, seed) not in runs:
                     continue
                 workdir = runs[(init, n, seed)]
-                start = _metrics(workdir, "start_rows") if init == "pretrained" and _lp_ft(workdir) else None
+                predictions = workdir / "test" / "predictions.csv"
+                start = _metrics(workdir, "start_rows") if _lp_ft(workdir) else None
                 if start:
-                    curve["probe"].setdefault(n, []).append(start["age_mae"])
-                    scores.append(f"| {n} | {seed} | {init}: linear probe (step 0) | – | "
+                    scores.append(f"| {n} | {seed} | {init}: linear probe (LP-FT step 0) | – | "
                                   f"{_ci(start['age_mae'], start['age_ci'])} | "
                                   f"{_ci(start['gender_acc'], start['gender_ci'], 100, 1)} |")
-                    versus_probe.append(f"| {n} | {seed} | " + _paired(workdir / "test" / "predictions.csv",
-                                                                      workdir / "test" / "start_predictions.csv") + " |")
+                    versus_probe.append(f"| {n} | {seed} | {init} (its step 0) | "
+                                        + _paired(predictions, workdir / "test" / "start_predictions.csv") + " |")
+                elif probes.get(init, {}).get("per_face"):
+                    versus_probe.append(f"| {n} | {seed} | {init} | " + _paired(predictions, probes[init]["per_face"]) + " |")
                 m = _metrics(workdir)
                 curve[init].setdefault(n, []).append(m["age_mae"])
                 scores.append(f"| {n} | {seed} | {init}: fine-tuned | {m['kept']} | {_ci(m['age_mae'], m['age_ci'])} | "
@@ -126,9 +153,9 @@ def table(root: Path) -> tuple[str, dict]:
                     runs[("pretrained", n, seed)] / "test" / "predictions.csv",
                     runs[("random", n, seed)] / "test" / "predictions.csv") + " |")
     text = "\n".join(["### Test split, every model", ""] + scores +
-                     ["", "### Pretrained against random init, paired over the test faces (95 % bootstrap)", ""]
-                     + versus_random +
-                     ["", "### The pretrained fine-tune against the linear probe it started from, paired", ""]
+                     ["", "### Fine-tuned: pretrained against random init, paired over the test faces (95 % bootstrap)",
+                      ""] + versus_random +
+                     ["", "### Each fine-tune against the linear probe of its own init on the same labels, paired", ""]
                      + versus_probe)
     return text + "\n", curve
 
@@ -143,14 +170,14 @@ def plot(curve: dict, path: Path) -> None:
     counts = sorted({n for series in curve.values() for n in series}, key=_order)
     x = {n: i for i, n in enumerate(counts)}
     styles = {"pretrained": ("C0", "o", "fine-tuned from pretrained"), "random": ("C3", "s", "fine-tuned from random init"),
-              "probe": ("C2", "^", "linear probe of pretrained (LP-FT step 0)")}
+              "probe": ("C0", "^", "linear probe of pretrained"), "random probe": ("C3", "v", "linear probe of random init")}
     for name, (color, marker, label) in styles.items():
         series = curve[name]
         if not series:
             continue
         xs = [x[n] for n in counts if n in series]
         means = [float(np.mean(series[n])) for n in counts if n in series]
-        ax.plot(xs, means, color=color, marker=marker, label=label)
+        ax.plot(xs, means, color=color, marker=marker, label=label, linestyle="--" if "probe" in name else "-")
         for n in series:  # each seed as a dot
             ax.scatter([x[n]] * len(series[n]), series[n], color=color, s=12, alpha=0.5)
     ax.set_xticks(range(len(counts)))
