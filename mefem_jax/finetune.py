@@ -62,9 +62,11 @@ def finetune(config, workdir: str | Path, allow_config_change=()) -> dict:
     Returns the last logged metrics with `best_step`, and `test` (the report rows) when data.test is set."""
     validate(config)
     loaded = encoders.load_encoder(config.init)
-    with config.unlocked():  # the architecture is the encoder's; unrolled, as drop path and layer decay need
+    with config.unlocked():  # the architecture is the encoder's; unrolled, as drop path and layer decay need.
+        # How attention is computed is this run's choice, not the architecture (models/attention_impl.py).
+        attention = config.model.get("attention", loaded.model_cfg.get("attention"))
         config.model = loaded.model_cfg
-        config.model.update(scan_layers=False, remat=False)
+        config.model.update(scan_layers=False, remat=False, attention=attention)
     targets = outputs_lib.parse_fine_tune_targets(config.target)
     input_size = device_augment.input_size(config.data, config.model.image_size)
     train = labelled_data.load_split(config.data.train, input_size, "train")
