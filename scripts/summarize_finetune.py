@@ -92,6 +92,24 @@ def _probes(root: Path, n: str) -> dict[str, dict]:
     return out
 
 
+def _probes_paired(root: Path, n: str) -> str | None:
+    """'age diff [CI] | gender diff (points) [CI] |' of evaluate's own paired comparison (second model vs first),
+    turned round to pretrained − random."""
+    path = root / f"probe_n{n}" / "report.json"
+    if not path.is_file():
+        return None
+    rows = {r["target"]: r for r in json.loads(path.read_text()).get("comparison", [])
+            if r["features"] == "cls" and r.get("protocol", "linear") == "linear"}
+    if not {"age", "gender"} <= set(rows):
+        return None
+    cells = []
+    for target, scale, digits in (("age", 1, 2), ("gender", 100, 1)):
+        r = rows[target]  # random − pretrained: negate, and swap the interval's ends
+        cells.append(f"{-r['difference'] * scale:+.{digits}f} [{-r['high'] * scale:+.{digits}f}, "
+                     f"{-r['low'] * scale:+.{digits}f}]")
+    return " | ".join(cells) + " |"
+
+
 def _probe_per_face(path: Path, label: str) -> dict[str, tuple[float, float]]:
     """id -> (absolute age error, gender correct) of one encoder's CLS linear probes in evaluate's per_face.csv."""
     age, gender = {}, {}
@@ -116,17 +134,23 @@ def table(root: Path) -> tuple[str, dict]:
     each fine-tune against the linear probe of its own init on the same labels (evaluate's, or with LP-FT
     the probe it started from), paired."""
     runs = _runs(root)
-    counts = sorted({n for _, n, _ in runs}, key=_order)
+    probed = {p.name[len("probe_n"):] for p in root.glob("probe_n*") if (p / "report.json").is_file()}
+    counts = sorted({n for _, n, _ in runs} | probed, key=_order)
     scores = ["| labels | seed | model | kept step | age MAE (y) | gender acc (%) |", "|---|---:|---|---:|---:|---:|"]
     versus_random = ["| labels | seed | age MAE: pretrained − random (y) | gender acc: pretrained − random (pts) |",
                      "|---|---:|---:|---:|"]
     versus_probe = ["| labels | seed | init | age MAE: fine-tuned − probe (y) | gender acc: fine-tuned − probe (pts) |",
                     "|---|---:|---|---:|---:|"]
+    probes_paired = ["| labels | age MAE: pretrained − random (y) | gender acc: pretrained − random (pts) |",
+                     "|---|---:|---:|"]
     curve: dict = {"pretrained": {}, "random": {}, "probe": {}, "random probe": {}}
     for n in counts:
         probes = _probes(root, n)
+        paired = _probes_paired(root, n)
+        if paired:
+            probes_paired.append(f"| {n} | {paired}")
         for init, probe in probes.items():
-            curve["probe" if init == "pretrained" else "random probe"][n] = [probe["age_mae"]]
+            curve["probe" if init == "pretrained" else "random probe"][n] = [(probe["age_mae"], probe["gender_acc"])]
             scores.append(f"| {n} | – | {init}: linear probe (evaluate) | – | {_ci(probe['age_mae'], probe['age_ci'])} "
                           f"| {_ci(probe['gender_acc'], probe['gender_ci'], 100, 1)} |")
         for seed in sorted({s for _, m, s in runs if m == n}):
@@ -145,7 +169,7 @@ def table(root: Path) -> tuple[str, dict]:
                 elif probes.get(init, {}).get("per_face"):
                     versus_probe.append(f"| {n} | {seed} | {init} | " + _paired(predictions, probes[init]["per_face"]) + " |")
                 m = _metrics(workdir)
-                curve[init].setdefault(n, []).append(m["age_mae"])
+                curve[init].setdefault(n, []).append((m["age_mae"], m["gender_acc"]))
                 scores.append(f"| {n} | {seed} | {init}: fine-tuned | {m['kept']} | {_ci(m['age_mae'], m['age_ci'])} | "
                               f"{_ci(m['gender_acc'], m['gender_ci'], 100, 1)} |")
             if ("pretrained", n, seed) in runs and ("random", n, seed) in runs:
@@ -156,37 +180,45 @@ def table(root: Path) -> tuple[str, dict]:
                      ["", "### Fine-tuned: pretrained against random init, paired over the test faces (95 % bootstrap)",
                       ""] + versus_random +
                      ["", "### Each fine-tune against the linear probe of its own init on the same labels, paired", ""]
-                     + versus_probe)
+                     + versus_probe +
+                     ["", "### Linear probes: pretrained against random init, paired (evaluate's comparison)", ""]
+                     + probes_paired)
     return text + "\n", curve
 
 
 def plot(curve: dict, path: Path) -> None:
+    """Two panels against the number of labels, age MAE and gender accuracy: each init fine-tuned (a dot per
+    seed, the line through their mean) and probed (dashed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
     counts = sorted({n for series in curve.values() for n in series}, key=_order)
     x = {n: i for i, n in enumerate(counts)}
     styles = {"pretrained": ("C0", "o", "fine-tuned from pretrained"), "random": ("C3", "s", "fine-tuned from random init"),
               "probe": ("C0", "^", "linear probe of pretrained"), "random probe": ("C3", "v", "linear probe of random init")}
-    for name, (color, marker, label) in styles.items():
-        series = curve[name]
-        if not series:
-            continue
-        xs = [x[n] for n in counts if n in series]
-        means = [float(np.mean(series[n])) for n in counts if n in series]
-        ax.plot(xs, means, color=color, marker=marker, label=label, linestyle="--" if "probe" in name else "-")
-        for n in series:  # each seed as a dot
-            ax.scatter([x[n]] * len(series[n]), series[n], color=color, s=12, alpha=0.5)
-    ax.set_xticks(range(len(counts)))
-    ax.set_xticklabels(counts)
-    ax.set_xlabel("UTKFace train labels")
-    ax.set_ylabel("test age MAE (years)")
-    ax.set_title("Fine-tuning the :cpu encoder: pretrained vs random init")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    panels = (("test age MAE (years)", 0, 1.0), ("test gender accuracy (%)", 1, 100.0))
+    for i, (ylabel, column, scale) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for name, (color, marker, label) in styles.items():
+            series = curve[name]
+            if not series:
+                continue
+            xs = [x[n] for n in counts if n in series]
+            means = [scale * float(np.mean([v[column] for v in series[n]])) for n in counts if n in series]
+            ax.plot(xs, means, color=color, marker=marker, label=label, linestyle="--" if "probe" in name else "-")
+            for n in series:  # each seed as a dot
+                ax.scatter([x[n]] * len(series[n]), [scale * v[column] for v in series[n]], color=color, s=12,
+                           alpha=0.5)
+        ax.set_xticks(range(len(counts)))
+        ax.set_xticklabels(counts)
+        ax.set_xlabel("UTKFace train labels")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle("Fine-tuning the :cpu encoder (120 steps) against linear probes: pretrained vs random init")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
