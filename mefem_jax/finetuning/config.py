@@ -82,9 +82,9 @@ def apply_cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     The rest was chosen on UTKFace's validation split with the 1,000-step encoder (docs/RESULTS.md,
     "Fine-tuning"), whose CLS features vary over faces by ~6 % of their size:
-    * drop path 0: at 0.1 the features' spread under drop path was 3.9x their spread over faces;
+    * drop path 0: at 0.1 the features' spread under drop path was 4.1x their spread over faces;
     * crops of 0.8-1 of the face, not 0.3-1: a logistic probe on features of 0.3-1 crops ranked gender at
-      cross-validated ROC-AUC 0.64, at 0.8-1 0.68 (whole faces 0.73);
+      cross-validated ROC-AUC 0.66, at 0.8-1 0.68 (whole faces 0.74; scripts/finetune_sensitivity.py);
     * lr 1e-4 per 256 images (2.5e-5 at batch 64) with the head at 400x (1e-2): of the 80-step pilots
       on the validation split, the only one whose validation loss fell steadily (docs/RESULTS.md)."""
     c.total_steps = 600

@@ -15,7 +15,8 @@ update by its layer's factor is exactly MAE's per-group learning rate.
 
 Two additions: the head's linear layer can learn `head_scale` times faster than the final norm (a head
 learning from near zero is what sets how many steps a short fine-tune needs), and the head's fixed input
-standardisation (`input_mean`, `input_std`: finetuning/model.py) gets a factor of 0: it never moves.
+standardisation (`input_mean`, `input_std`: finetuning/model.py) gets a factor of 0: the optimiser never
+moves it (with head.standardize='batch' the step tracks the batch statistics into it instead).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def layer_id(path: tuple[str, ...], depth: int) -> int:
 
 def lr_scales(params, depth: int, decay: float, head_scale: float = 1.0):
     """The per-leaf learning-rate factor, a pytree like `params`: `decay ** (depth + 1 - layer_id)` in
-    the encoder, `head_scale` for the head's kernel and bias, 0 for its fixed input standardisation."""
+    the encoder, `head_scale` for the head's kernel and bias, 0 for its input standardisation."""
     def scale(path):
         if path[0] != "encoder":
             return 0.0 if path[-1] in _FIXED else head_scale

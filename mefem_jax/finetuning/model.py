@@ -87,5 +87,5 @@ class Classifier(nn.Module):
         return head(readout(tokens, self.how).astype(jnp.float32), training=not deterministic)
 
     def features(self, images: jax.Array) -> jax.Array:
-        """The head's input, deterministic: for fitting the LP-FT probe."""
+        """The head's input, deterministic: for the head's starting statistics and the LP-FT probe."""
         return readout(self.encoder(images), self.how)

@@ -1,7 +1,7 @@
 """A fine-tuned encoder with its linear head, as a timm release: the classifier format.
 
 A fine-tune (`python -m mefem_jax.finetune`) trains `{"encoder": <ViT params>, "head": {"kernel": [D, K],
-"bias": [K]}}` (the head may also hold a fixed input standardisation, `input_mean` / `input_std` [D],
+"bias": [K]}}` (the head may also hold its input standardisation, `input_mean` / `input_std` [D],
 folded into the exported Linear); the head reads one feature of the encoder's final-LayerNormed tokens, the `readout`:
 "cls" (token 0) or "mean" (the mean of the patch tokens 1..N). Its logit columns are described by
 `outputs`, a list in column order:
@@ -38,7 +38,7 @@ from mefem_jax.weights.timm_keys import ConversionError, params_to_timm, to_floa
 # readout -> timm's `global_pool`. Both keep `fc_norm=False` (see classifier_timm_config).
 READOUT_POOL = {"cls": "token", "mean": "avg"}
 OUTPUT_KINDS = ("regression", "classification")
-STANDARDISATION = ("input_mean", "input_std")  # a head's fixed input standardisation (finetuning/model.py)
+STANDARDISATION = ("input_mean", "input_std")  # a head's input standardisation (finetuning/model.py)
 BEST_DIR, BEST_JSON, BEST_PARAMS = "best", "best.json", "params"
 
 
@@ -168,7 +168,7 @@ def classifier_timm_config(model_cfg, readout: str, outputs: Iterable[Mapping[st
 
 
 def fold_standardisation(head: Mapping) -> dict:
-    """A head with a fixed input standardisation -> the plain Linear on the raw feature that computes the
+    """A head with an input standardisation -> the plain Linear on the raw feature that computes the
     same logits (float64 arithmetic, float32 out); a plain head is returned as it is.
 
         ((x - mean) / std) @ W + b  =  x @ (W / std) + (b - (mean / std) @ W)"""
@@ -199,7 +199,7 @@ def classifier_state_dict(params: Mapping, model_cfg) -> dict[str, np.ndarray]:
     keys = set(head) if isinstance(head, Mapping) else set()
     if keys not in ({"kernel", "bias"}, {"kernel", "bias", *STANDARDISATION}):
         problems.append(f"head holds {sorted(keys)}; a linear head has ['bias', 'kernel'] "
-                        f"(and with a fixed input standardisation {list(STANDARDISATION)})")
+                        f"(and with an input standardisation {list(STANDARDISATION)})")
     elif keys != {"kernel", "bias"} and any(np.shape(head[k]) != (width,) for k in STANDARDISATION):
         problems.append(f"head/{'/'.join(STANDARDISATION)}: shapes {[np.shape(head[k]) for k in STANDARDISATION]}, "
                         f"the head reads width {width}")
