@@ -12,7 +12,7 @@ Every choice here exists so that a parameter tree trained in JAX exports to a ti
   at export time; with `posemb="learn"` it is a trainable parameter.
 
 For I-JEPA training the encoder also sees *subsets* of patches: `patch_idx` picks which grid
-cells enter the sequence (static K, so one compilation), `patch_valid` marks padding slots
+cells enter the sequence (static K, so one compilation; their pixels are gathered before the embedding), `patch_valid` marks padding slots
 and `cls_visible` hides CLS. Hidden tokens are removed as attention *keys*, so no visible
 token's output depends on them; they still get an output row (which the caller ignores).
 """
@@ -235,18 +235,29 @@ def unstack_blocks(params: Mapping) -> dict:
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens, `[B, H, W, C]` -> `[B, (H/p) * (W/p), width]` row-major."""
+    """Non-overlapping patches -> tokens, `[B, H, W, C]` -> `[B, (H/p) * (W/p), width]` row-major.
+
+    With `patch_idx` `[B, K]`, only those cells are embedded, `[B, K, width]`: the pixels are gathered
+    first and the same conv runs on the K patches stacked into a `[B, K*p, p, C]` strip (stride p, so it
+    sees each patch exactly once). The context encoder keeps about half the grid, so this halves its
+    patch-embed work, and the backward pass has no scatter into a full-grid gradient (the images need none).
+    """
     width: int
     patch_size: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, patch_idx: jax.Array | None = None) -> jax.Array:
         p = self.patch_size
-        x = nn.Conv(self.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
-                    dtype=self.dtype, kernel_init=trunc_normal(),
-                    bias_init=nn.initializers.zeros, name="proj")(images)
-        return einops.rearrange(x, "b h w c -> b (h w) c")  # row-major over the grid, as timm flattens
+        proj = nn.Conv(self.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
+                       dtype=self.dtype, kernel_init=trunc_normal(),
+                       bias_init=nn.initializers.zeros, name="proj")
+        if patch_idx is None:
+            return einops.rearrange(proj(images), "b h w c -> b (h w) c")  # row-major, as timm flattens
+        cells = einops.rearrange(images, "b (h p1) (w p2) c -> b (h w) p1 p2 c", p1=p, p2=p)
+        picked = jnp.take_along_axis(cells, patch_idx[:, :, None, None, None], axis=1)
+        strip = einops.rearrange(picked, "b k p1 p2 c -> b (k p1) p2 c")
+        return einops.rearrange(proj(strip), "b k 1 c -> b k c")
 
 
 class ViT(nn.Module):
@@ -285,7 +296,7 @@ class ViT(nn.Module):
             raise ValueError(f"expected {self.image_size}px images, got shape {images.shape}")
         batch = images.shape[0]
 
-        x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images)
+        x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images, patch_idx)
         cls = self.param("cls_token", trunc_normal(), (1, 1, self.width), jnp.float32)
         if self.posemb == "learn":
             pos = self.param("pos_embed", trunc_normal(), (1, 1 + gh * gw, self.width), jnp.float32)
@@ -294,11 +305,9 @@ class ViT(nn.Module):
         else:
             raise ValueError(f"posemb must be 'sincos' or 'learn', got {self.posemb!r}")
 
-        # Positions are added on the full grid and then gathered, so a token keeps the position of
-        # the cell it came from whatever subset is encoded.
-        x = x + pos[:, 1:].astype(x.dtype)
-        if patch_idx is not None:
-            x = jnp.take_along_axis(x, patch_idx[:, :, None], axis=1)
+        # A token gets the position of the cell it came from, whatever subset is encoded.
+        pos_patches = pos[0, 1:] if patch_idx is None else jnp.take(pos[0, 1:], patch_idx, axis=0)
+        x = x + pos_patches.astype(x.dtype)
         cls = jnp.broadcast_to((cls + pos[:, :1]).astype(x.dtype), (batch, 1, self.width))
         x = jnp.concatenate([cls, x], axis=1)
 

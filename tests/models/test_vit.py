@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mefem_jax.models.vit import VARIANTS, ViT, encoder_from_config, sincos_pos_embed, trunc_normal
+from mefem_jax.models.vit import VARIANTS, PatchEmbed, ViT, encoder_from_config, sincos_pos_embed, trunc_normal
 from mefem_jax.weights.timm_import import import_timm
 from mefem_jax.weights.timm_keys import params_to_timm
 
@@ -158,6 +158,28 @@ def test_tokens_keep_their_grid_position(tiny, forward):
     shuffled = forward(model, params, images, idx[:, perm])
     np.testing.assert_allclose(shuffled[:, 1:], out[:, 1:][:, perm], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(shuffled[:, 0], out[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_subset_embeds_only_its_pixels(tiny, faces, random_params):
+    """A subset's tokens are the conv of its own patches (float64 reference: cut the face into cells,
+    pick, contract with the kernel), and the encoder's only conv then runs on K patches, not the grid."""
+    p, width = 16, 8
+    embed = PatchEmbed(width, p)
+    images = faces(2, 112)  # a 7x7 grid
+    idx = jnp.array([[48, 0, 9, 23], [5, 5, 30, 41]], jnp.int32)  # out of order, one cell twice
+    params = random_params(jax.eval_shape(embed.init, jax.random.key(0), images)["params"], seed=5)
+    with jax.default_matmul_precision("highest"):
+        out = np.asarray(embed.apply({"params": params}, images, idx))
+    cells = images.astype(np.float64).reshape(2, 7, p, 7, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 49, p, p, 3)
+    picked = cells[np.arange(2)[:, None], np.asarray(idx)]
+    kernel, bias = (np.asarray(params["proj"][k], np.float64) for k in ("kernel", "bias"))
+    ref = np.einsum("bkxyc,xycw->bkw", picked, kernel) + bias
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+    model, vit_params, _ = tiny
+    jaxpr = jax.make_jaxpr(lambda im: model.apply({"params": vit_params}, im, idx))(images)
+    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    assert [tuple(e.outvars[0].aval.shape) for e in convs] == [(2, 4, 1, model.width)]
 
 
 # -- dtypes, remat, config ----------------------------------------------------------------------
