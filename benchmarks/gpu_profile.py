@@ -21,7 +21,8 @@ budget by a minute:
 3. attention: `models/attention_impl.dot_product_attention` alone at the step's three shapes (target
    encoder: all 1 + 196 tokens, no mask; context encoder: 1 + K_ctx tokens, key mask; predictor: context
    + CLS query + targets, key mask), "xla" against "cudnn", forward and forward+backward. A masked odd
-   length, which cuDNN refuses, gets an extra row padded to even (one more, masked, key and query).
+   length, which cuDNN's backward refuses, is padded to even inside the cuDNN path; an extra row at the
+   even length (one more, masked, key and query, no pad or slice) shows what that padding costs.
 4. step_xla, step_auto, step_auto_unrolled: the step train.py runs (train_step.py's JaxRunner and
    make_config: configs/vits.py at ViT-B/16, stripes, batch 256, the recipe of RESULTS.md's rows; its
    predictor is configs/vitb.py's, base_config's default) with model.attention "xla", then "auto",
@@ -231,7 +232,7 @@ def attention_phase(sizes: Sizes, deadline: float) -> dict[str, Any]:
         impls, unavailable = ["xla"], f"cudnn: not available on {jax.default_backend()}"
     rows = []
     for s in attention_shapes(sizes):
-        auto = attention_impl.resolve("auto", jnp.dtype(sizes.dtype), s.head_dim, s.length, s.length, s.masked)
+        auto = attention_impl.resolve("auto", jnp.dtype(sizes.dtype), s.head_dim)
         for impl in impls:
             row = {**s._asdict(), "impl": impl, "auto_picks": auto}
             if time.monotonic() > deadline:
@@ -239,7 +240,7 @@ def attention_phase(sizes: Sizes, deadline: float) -> dict[str, Any]:
                 continue
             try:
                 row.update(time_attention(s, impl, sizes, deadline))
-            except attention_impl.AttentionImplError as e:  # our own refusal (odd masked length, dtype...)
+            except attention_impl.AttentionImplError as e:  # our own refusal (dtype, head dim)
                 row["note"] = f"refused: {e}"
             except Exception as e:  # cuDNN itself may reject a shape at compile or run time
                 row["note"] = f"failed: {e.__class__.__name__}: {str(e).strip().splitlines()[0][:200]}"

@@ -3,7 +3,7 @@
 "xla" is the call the models have always made, `jax.nn.dot_product_attention(q, k, v, mask=mask)`: XLA's
 unfused path, the same on every backend, and the default, so existing runs and checkpoints compute what
 they did. "cudnn" asks for cuDNN's fused (flash) attention; "auto" takes it where it can run and is "xla"
-everywhere else (CPU, TPU, float32, odd masked lengths), so on those it is today's call exactly.
+everywhere else (CPU, TPU, float32, unsupported head dims), so on those it is today's call exactly.
 
 cuDNN's limits, as jax 0.10.2 checks them (jax/_src/cudnn/fused_attention_stablehlo.py): a CUDA GPU,
 bfloat16 or float16 q/k/v, a head dim that is a multiple of 8 and at most 128 (256 from compute
@@ -12,11 +12,15 @@ lengths when the backward pass runs. The mask must also be [B, 1, T, S]: our key
 so the cuDNN path broadcasts them (the valid keys are not always first, so `key_value_seq_lengths` cannot
 stand in: a hidden CLS is key 0).
 
+Odd masked lengths are common here (ViT-B/16's predictor attends over 243 tokens with the default
+stripes), so the cuDNN path pads them (`pad_to_even_lengths`): one more key, masked out, and one more
+query, whose output row is dropped. No real token sees the extra key and nothing flows back from the extra
+row, so outputs and gradients are those of the unpadded call.
+
 What can be known from the config (backend, dtype, head dims) is checked by `check_attention` at
 `config.validate_config` and at model build, before anything is traced. The lengths are known only at
-trace time: `resolve` then picks the kernel once per compiled shape, never per step. A masked odd length
-under an explicit "cudnn" is refused there rather than padded, because whether the backward pass will
-run is not known at that point.
+trace time: `resolve` then picks the kernel once per compiled shape, never per step, from the traced
+dtype and head dim.
 """
 from __future__ import annotations
 
@@ -79,14 +83,14 @@ def check_attention(requested: str, dtype: Any, head_dims: tuple[int, ...],
                 raise _refuse(reason)
 
 
-def resolve(requested: str, dtype: Any, head_dim: int, q_len: int, kv_len: int, masked: bool,
+def resolve(requested: str, dtype: Any, head_dim: int,
             platform: tuple[str, str, tuple[int, int] | None] | None = None) -> str:
-    """"xla" or "cudnn" for one attention call's static facts; "auto" never fails, "cudnn" may."""
+    """"xla" or "cudnn" for one attention call's compute dtype and head dim; "auto" never fails, "cudnn" may.
+
+    Lengths do not decide: the cuDNN path pads odd masked lengths itself (`pad_to_even_lengths`)."""
     if requested == "xla":
         return "xla"
     reason = cudnn_refusal(dtype, head_dim, platform)
-    if reason is None and masked and (q_len % 2 or kv_len % 2):
-        reason = f"with a mask cuDNN's backward pass needs even lengths, got {q_len} queries and {kv_len} keys"
     if reason is None:
         return "cudnn"
     if requested == "auto":
@@ -94,12 +98,28 @@ def resolve(requested: str, dtype: Any, head_dim: int, q_len: int, kv_len: int, 
     raise _refuse(reason)
 
 
+def pad_to_even_lengths(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+                        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """q/k/v `[B, T|S, N, H]` and key mask `[B, 1, 1, S]` with an odd T or S made even by one zero slot.
+
+    The extra key is masked out. The extra query attends to the real keys like any other (so its row is
+    never all-masked, which would be NaN) and the caller drops its output: `out[:, :T]`."""
+    def pad(x: jax.Array, n: int) -> jax.Array:
+        return jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+
+    extra_q, extra_k = q.shape[1] % 2, k.shape[1] % 2
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, extra_k)), constant_values=False)
+    return pad(q, extra_q), pad(k, extra_k), pad(v, extra_k), mask
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                           requested: str) -> jax.Array:
     """Softmax attention, q/k/v `[B, T|S, N, H]`, mask bool `[B, 1, 1, S]` or None, by `requested`'s kernel."""
     b, t, _, head_dim = q.shape
-    if resolve(requested, q.dtype, head_dim, t, k.shape[1], mask is not None) == "xla":
+    if resolve(requested, q.dtype, head_dim) == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=mask)  # the models' call before the knob existed
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))  # cuDNN takes no mask broadcast over queries
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    if mask is None:  # no mask, no length limit
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    q, k, v, mask = pad_to_even_lengths(q, k, v, mask)
+    mask = jnp.broadcast_to(mask, (b, 1, q.shape[1], k.shape[1]))  # cuDNN takes no mask broadcast over queries
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")[:, :t]

@@ -55,23 +55,25 @@ def test_xla_and_auto_are_the_call_made_before_the_knob_with_padding():
 
 def test_cudnn_equals_xla_with_masks_and_padding_where_cudnn_runs():
     """On a CUDA GPU only (skipped elsewhere): cuDNN's forward and gradients match XLA's in bfloat16 with a
-    hidden first key and padded keys, at an even masked length (T = S = 50, head dim 64)."""
+    hidden first key and padded keys, at an even and at an odd masked length (T = S = 50, 49; head dim 64)."""
     if (reason := attention_impl.cudnn_refusal(jnp.bfloat16, 64)) is not None:
         pytest.skip(reason)
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((4, 50, 2, 64)), jnp.bfloat16) for _ in range(3))
     valid = np.ones((4, 50), bool)
     valid[0, 0], valid[1, 30:], valid[2, ::3] = False, False, False
-    mask = jnp.asarray(valid[:, None, None, :])
+    for length in (50, 49):
+        q, k, v = (jnp.asarray(rng.standard_normal((4, length, 2, 64)), jnp.bfloat16) for _ in range(3))
+        mask = jnp.asarray(valid[:, None, None, :length])
 
-    def loss(q, k, v, requested):
-        out = attention_impl.dot_product_attention(q, k, v, mask, requested)
-        return jnp.sum(out.astype(jnp.float32) ** 2), out
+        def loss(q, k, v, requested, mask=mask):
+            out = attention_impl.dot_product_attention(q, k, v, mask, requested)
+            return jnp.sum(out.astype(jnp.float32) ** 2), out
 
-    grads = {r: jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)(q, k, v, r)
-             for r in ("xla", "cudnn")}
-    for got, want in zip(jax.tree.leaves(grads["cudnn"]), jax.tree.leaves(grads["xla"])):
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0.05, atol=0.05)
+        grads = {r: jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)(q, k, v, r)
+                 for r in ("xla", "cudnn")}
+        for got, want in zip(jax.tree.leaves(grads["cudnn"]), jax.tree.leaves(grads["xla"])):
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                       rtol=0.05, atol=0.05, err_msg=f"length {length}")
 
 
 @pytest.fixture(scope="module")
@@ -128,22 +130,49 @@ def test_every_attention_call_gets_the_knob(faces):
 
 def test_auto_takes_cudnn_only_where_every_limit_holds():
     bf16 = jnp.bfloat16
-    assert resolve("auto", bf16, 64, 197, 197, masked=False, platform=HOPPER) == "cudnn"  # full image, no mask
-    assert resolve("auto", bf16, 64, 50, 50, masked=True, platform=HOPPER) == "cudnn"
-    assert resolve("auto", jnp.float16, 64, 50, 50, masked=True, platform=AMPERE) == "cudnn"
-    for dtype, head_dim, lengths, masked, platform in [
-            (bf16, 64, (197, 197), True, HOPPER),            # masked odd length
-            (jnp.float32, 64, (50, 50), False, HOPPER),      # fp32 compute
-            (bf16, 12, (50, 50), False, HOPPER),             # head dim not a multiple of 8
-            (bf16, 192, (50, 50), False, AMPERE),            # over 128 before Hopper
-            (bf16, 64, (50, 50), False, ("cpu", "", None)),
-            (bf16, 64, (50, 50), False, ("gpu", "rocm 6.2", None))]:
-        assert resolve("auto", dtype, head_dim, *lengths, masked, platform) == "xla"
+    assert resolve("auto", bf16, 64, platform=HOPPER) == "cudnn"
+    assert resolve("auto", jnp.float16, 64, platform=AMPERE) == "cudnn"
+    for dtype, head_dim, platform in [
+            (jnp.float32, 64, HOPPER),            # fp32 compute
+            (bf16, 12, HOPPER),                   # head dim not a multiple of 8
+            (bf16, 192, AMPERE),                  # over 128 before Hopper
+            (bf16, 64, ("cpu", "", None)),
+            (bf16, 64, ("gpu", "rocm 6.2", None))]:
+        assert resolve("auto", dtype, head_dim, platform) == "xla"
         with pytest.raises(AttentionImplError) as err:
-            resolve("cudnn", dtype, head_dim, *lengths, masked, platform)
+            resolve("cudnn", dtype, head_dim, platform)
         assert "model.attention='cudnn'" in str(err.value) and "auto" in str(err.value)
-    assert resolve("cudnn", bf16, 192, 50, 50, masked=False, platform=HOPPER) == "cudnn"
-    assert resolve("xla", bf16, 64, 50, 50, masked=True, platform=HOPPER) == "xla"
+    assert resolve("cudnn", bf16, 192, platform=HOPPER) == "cudnn"
+    assert resolve("xla", bf16, 64, platform=HOPPER) == "xla"
+
+
+def test_padding_odd_lengths_to_even_changes_no_output_and_no_gradient():
+    """What the cuDNN path does with an odd masked length, checked through XLA's kernel on this CPU: one
+    extra key (masked) and query (dropped) leave outputs equal to float64 softmax over the valid keys, and
+    the gradients equal the unpadded call's."""
+    rng = np.random.default_rng(2)
+    q, k, v, g = (jnp.asarray(rng.standard_normal((3, 7, 2, 8)), jnp.float32) for _ in range(4))
+    valid = np.ones((3, 7), bool)
+    valid[0, 0], valid[1, 4:], valid[2, ::2] = False, False, False  # hidden CLS, padding, scattered
+    mask = jnp.asarray(valid[:, None, None, :])
+
+    def padded(q, k, v):
+        pq, pk, pv, pmask = attention_impl.pad_to_even_lengths(q, k, v, mask)
+        assert pq.shape[1] == pk.shape[1] == pmask.shape[-1] == 8 and not np.asarray(pmask)[..., -1].any()
+        return jax.nn.dot_product_attention(pq, pk, pv, mask=pmask)[:, :7]
+
+    def plain(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+    with jax.default_matmul_precision("highest"):
+        out, pull = jax.vjp(padded, q, k, v)
+        want, pull_want = jax.vjp(plain, q, k, v)
+        np.testing.assert_allclose(out, _masked_softmax_attention(q, k, v, valid[:, None, None, :]),
+                                   rtol=1e-5, atol=1e-6)
+        for got, ref in zip(pull(g), pull_want(g)):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    even = tuple(x[:, :6] for x in (q, k, v))  # already even: nothing is added
+    assert all(a.shape == b.shape for a, b in zip(attention_impl.pad_to_even_lengths(*even, mask[..., :6]), even))
 
 
 @pytest.mark.parametrize("dtype, head_dim, platform, reason", [
