@@ -22,7 +22,7 @@ pipeline and the probes read (a shard folder is a data spec: mefem_jax/evaluatio
    ml_collections, simplejpeg, cloudpickle, portpicker, and tensorboardX, which the training entry
    point's metric writer imports) for its Python: 3.12 (3.12.3 as the device notes list it; its pip
    refuses wheels of another Python, and gpu_pretrain.py records the version it found). .gitignore
-   does not ignore .whl/, so the wheels travel as untracked files even where `carry` omits them.
+   ignores .whl/, so the device tool's `carry` must name it, as it names the bundle.
 5. The sizes are measured and written to OUT/bundle.md, with what the working tree adds; a bundle that
    would take the whole transfer over 64 MiB is refused (exit 2) after being measured.
 
