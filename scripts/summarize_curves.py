@@ -53,6 +53,17 @@ def probe_rows(path: Path) -> list[dict]:
     return [r for r in rows if "probe_age_mae" in r]
 
 
+def _model_name(found: dict) -> str:
+    """The encoder the runs trained, read from the first run's config.json (the plot serves any run)."""
+    path = next(p for seeds in found.values() for p in seeds.values())
+    try:
+        m = json.loads((path / "config.json").read_text())["model"]
+        overrides = "".join(f", {k} {m[k]}" for k in ("width", "depth") if m.get(k) is not None)
+        return f"ViT-{m['variant']}{overrides}, {m['image_size']} px, patch {m['patch_size']}"
+    except (OSError, KeyError, ValueError):
+        return "encoder unknown: no readable config.json"
+
+
 def plot(found: dict, out_png: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -74,7 +85,7 @@ def plot(found: dict, out_png: Path) -> None:
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
-    fig.suptitle("UTKFace validation probes during pretraining (ViT width 128, depth 4, 112 px, patch 8)")
+    fig.suptitle(f"Validation probes during pretraining ({_model_name(found)})")
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=100)
 
