@@ -4,7 +4,8 @@ Counted by hand because XLA cannot count them for us: `cost_analysis()` counts t
 layer loop once (the default `model.scan_layers=True` step is such a loop) and also counts element-wise
 work. Only matmuls are counted, 2*M*N*K each: the patch-embed convolution, qkv / proj / MLP and
 attention's QK^T and AV. The backward pass is twice the forward for the trained context encoder and
-predictor; the EMA target encoder runs forward only. `tests/test_benchmark_flops.py` checks the count
+predictor (once for the context's patch embedding, whose input, the images, needs no gradient); the EMA
+target encoder runs forward only. `tests/tpu/test_benchmark_flops.py` checks the count
 against XLA's on an unrolled step.
 """
 from __future__ import annotations
@@ -31,11 +32,13 @@ def step_flops(config, masker, batch: int) -> dict[str, int]:
     p = config.model.patch_size
     n = masker.grid[0] * masker.grid[1]
     n_ctx, k_ctx, n_tgt, k_tgt = masker.n_ctx, masker.k_ctx, masker.n_tgt, masker.k_tgt
-    patch_embed = 2 * n * (3 * p * p) * width  # conv k=s=p over the whole image
+    def patch_embed(patches: int) -> int:  # conv k=s=p: one 3p^2 -> D matmul per patch
+        return 2 * patches * (3 * p * p) * width
 
-    target = patch_embed + vit_flops(1 + n, width, depth)
-    # Each context set embeds the full image, gathers its patches, then runs 1 + Kc tokens.
-    context = n_ctx * (patch_embed + vit_flops(1 + k_ctx, width, depth))
+    target = patch_embed(n) + vit_flops(1 + n, width, depth)
+    # Each context set gathers the pixels of its Kc patches (padding slots included), embeds only those,
+    # then runs 1 + Kc tokens.
+    context = n_ctx * (patch_embed(k_ctx) + vit_flops(1 + k_ctx, width, depth))
     # Per context set: D -> Dp embed of its 1 + Kc tokens (I-JEPA embeds once, then repeats the result
     # for each target set). Per (context, target) pair: the blocks on 1 + Kc + 1 + Kt tokens and the
     # Dp -> D projection of the 1 + Kt predicted slots.
@@ -44,5 +47,8 @@ def step_flops(config, masker, batch: int) -> dict[str, int]:
                                   + 2 * (1 + k_tgt) * pred.width * width)
     per_image = {"target_fwd": target, "context_fwd": context, "predictor_fwd": predictor}
     out = {k: batch * v for k, v in per_image.items()}
-    out["total"] = out["target_fwd"] + 3 * (out["context_fwd"] + out["predictor_fwd"])
+    # Backward = 2x forward, except the context's patch embedding: its input is the images, which take
+    # no gradient, so only its weight gradient (1x) is computed.
+    no_input_grad = batch * n_ctx * patch_embed(k_ctx)
+    out["total"] = out["target_fwd"] + 3 * (out["context_fwd"] + out["predictor_fwd"]) - no_input_grad
     return out

@@ -1,8 +1,11 @@
 """The benchmark's MFU numerator: the analytic FLOP count of one train step agrees with XLA's own count.
 
-XLA's `cost_analysis` also counts element-wise work (LayerNorm, GELU, softmax, AdamW), so it sits a few
-percent above the matmul-only analytic count, never below. A missing term (the predictor's pass per
-target set, the 2x of a backward pass, the EMA target's forward) would move the ratio by 20% or more.
+XLA's `cost_analysis` also counts element-wise work (LayerNorm, exact GELU's erf, softmax, AdamW), so it
+sits above the matmul-only analytic count, never below: on this width-64 toy a forward pass alone counts
+12 % more than its matmuls, and the whole step 17 %. A missing term (the predictor's pass per target set,
+the 2x of a backward pass, the EMA target's forward) moves the ratio by 20 % or more; so did counting the
+context's patch embedding over the whole grid after its pixels came to be gathered first (0.89), and a
+smaller slip, an input gradient for the images, moves it by 4 % (1.13).
 Unrolled blocks: XLA counts a scanned loop's body once.
 """
 from __future__ import annotations
@@ -29,4 +32,4 @@ def test_analytic_step_flops_match_xla_cost_analysis():
     images = jax.ShapeDtypeStruct((batch, 112, 112, 3), jnp.float32)
     compiled = jax.jit(make_train_step(pieces)).lower(state, images).compile()
     ratio = compiled.cost_analysis()["flops"] / step_flops(config, masker, batch)["total"]
-    assert 1.0 <= ratio <= 1.06, ratio  # measured: 1.03
+    assert 1.15 <= ratio <= 1.20, ratio  # measured: 1.171
