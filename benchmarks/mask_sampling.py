@@ -7,6 +7,10 @@ the sampler jitted with the fold inside ("jit"), or many draws in one compiled l
 leaves out the per-call dispatch). "eager fold_in" folds the key outside the jit, as
 `train_step.py` once did: each call then also pays an eager dispatch (and the first, a compile),
 which on a GPU inflated the reported time a hundredfold. Results: benchmarks/RESULTS.md.
+
+It also prints how many of the static index slots carry a patch. Masks vary in size while the step's
+shapes cannot, so every context and target set is padded to the largest the masker can draw; the step
+computes on the padding slots, and the analytic FLOPs (mefem_jax/tpu/flops.py), hence MFU, count them.
 """
 from __future__ import annotations
 
@@ -56,6 +60,11 @@ def main() -> None:
         ms_loop = (time.perf_counter() - t0) / REPEATS * 1e3
         print(f"batch {batch}: eager fold_in + jit {ms_eager:.2f} ms, jit {ms_jit:.2f} ms, "
               f"loop {ms_loop:.3f} ms per draw")
+    masks = jax.jit(lambda k: objective.sample(k, 1024)[0])(key)
+    for part, valid in (("context", masks.ctx_valid), ("target", masks.tgt_valid)):
+        per_set = valid.mean(axis=-1)
+        print(f"{part} sets: {float(valid.mean()):.1%} of their {valid.shape[-1]} slots carry a patch "
+              f"(1,024 draws; per set {float(per_set.min()):.1%} to {float(per_set.max()):.1%})")
 
 
 if __name__ == "__main__":
