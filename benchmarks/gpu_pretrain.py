@@ -28,11 +28,15 @@ summary.md, so nothing ends without one):
              start-up, compile, the first probe with its image loading, the final save).
   train      total_steps = (60 * minutes * 0.95 - fixed cost - probes * probe time) * img/s / batch, with
              --probes probes after the one at step 0 (every total_steps / probes steps, each also a
-             checkpoint). Probes: linear probes on --probe_train scored on --probe_val, CLS, mean-pool and
-             2x2-grid readouts, plus RankMe, as the train loop reports them. At its time limit the run gets
-             SIGTERM, saves its step and stops (exit 3), so evaluation still has an encoder.
+             checkpoint). Probes: linear probes of the CLS readout fitted on --probe_train (at most 1,000
+             faces) and scored on --probe_val, plus RankMe, as the train loop reports them. The probe fits
+             run on one CPU core while the GPU waits: on real width-384 embeddings of 2,000 faces the CLS
+             probes took 21 s of a core here, the mean-pool and 2x2-grid ones 22 s and 69 s more, which
+             at four probes and two in calibration would leave no time to train. At its time limit the run
+             gets SIGTERM, saves its step and stops (exit 3), so evaluation still has an encoder.
   eval       `python -m mefem_jax.evaluate` on the final target encoder and, in parallel, on its random
-             twin with the raw-pixel baseline: probes fitted on --probe_fit, scored once on --probe_test;
+             twin with the raw-pixel baseline: probes fitted on --probe_fit (2,000 faces: at 5,000 the
+             grid probes of one encoder took 5.6 minutes of a core here), scored once on --probe_test;
              then scripts/paired_compare.py (pretrained - random, paired over the test faces) and
              scripts/summarize_curves.py (curves and tables).
 
@@ -82,6 +86,8 @@ REPO = Path(__file__).resolve().parents[1]
 MARKER = ".gpu_pretrain"  # marks a --work folder this script made, the only kind it empties
 TARGETS = "age:regression,gender:classification,race:classification"
 NOISE = re.compile(r"^[IW]\d{4} ")  # absl's INFO and WARNING lines
+# The readout probed during training: the others cost the GPU minutes of idle CPU fits (module docstring).
+TRAIN_PROBE_FEATURES = "cls"
 MODULES = "grain, array_record, ml_collections, simplejpeg, tensorboardX, sklearn, matplotlib, flax, optax, jax"
 
 
@@ -108,8 +114,8 @@ class Mode:
 
 
 GPU = Mode(config="configs/vits.py", model=dict(image_size=112, patch_size=8, dtype="bfloat16"), predictor={},
-           batch=256, workers=15, calib_steps=60, calib_log_every=10, log_every=50, max_images=2000,
-           fit_faces=5000, eval_batch=256, random_spec="random:vits@112:patch=8,seed=0", budget_s=560,
+           batch=256, workers=15, calib_steps=60, calib_log_every=10, log_every=50, max_images=1000,
+           fit_faces=2000, eval_batch=256, random_spec="random:vits@112:patch=8,seed=0", budget_s=560,
            eval_reserve_s=170, minutes=4, probes=4, grace_s=60)
 # `:cpu` names the encoder's width, depth and heads (the recipe's are None, taken from the variant, and a
 # None cannot be overridden on the command line); train_command's flags replace its schedules and probes.
@@ -321,7 +327,7 @@ def train_command(run: Run, workdir: Path, steps: int, every: int, log_every: in
              "optim.warmup_steps": max(1, steps // 10), "optim.ema": "(0.99,0.999)",
              "checkpoint.every_steps": every, "checkpoint.max_to_keep": 2, "model.attention": a.attention,
              "eval.every_steps": every, "eval.train": a.probe_train, "eval.test": a.probe_val,
-             "eval.targets": a.targets, "eval.features": "cls,mean,grid", "eval.grid_size": 2,
+             "eval.targets": a.targets, "eval.features": TRAIN_PROBE_FEATURES, "eval.grid_size": 2,
              "eval.max_images": m.max_images, "eval.batch_size": m.eval_batch}
     flags.update({f"model.{k}": v for k, v in m.model.items()})
     flags.update({f"predictor.{k}": v for k, v in m.predictor.items()})
@@ -425,7 +431,7 @@ def probe_table(rows: list[dict]) -> str:
     for r in probes:
         lines.append(f"| {r['step']} | " + " | ".join(f"{r[k]:.3f}" if number(r, k) is not None else "-"
                                                        for k in keys) + " |")
-    return "\n".join(lines + ["", "(CLS readout; mean and grid readouts in metrics.jsonl and the curves)", ""])
+    return "\n".join(lines + ["", "(CLS readout; evaluate adds the mean and grid readouts at the end)", ""])
 
 
 def evaluate(run: Run) -> None:
@@ -499,7 +505,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Mode]:
     p.add_argument("--pretrain_data", help="training shards (default DATA/train)")
     p.add_argument("--probe_train", help="data spec the probes during training are fitted on (default DATA/train)")
     p.add_argument("--probe_val", help="... and scored on (default DATA/val)")
-    p.add_argument("--probe_fit", help="data spec the final probes are fitted on (default DATA/train:limit=5000)")
+    p.add_argument("--probe_fit", help="data spec the final probes are fitted on (default DATA/train:limit=2000; "
+                   "300 with --cpu)")
     p.add_argument("--probe_test", help="... and scored once on (default DATA/test)")
     p.add_argument("--targets", default=TARGETS)
     p.add_argument("--work", help="checkpoints and results, kept between calls (default runs/gpu_pretrain[_cpu])")
