@@ -301,12 +301,16 @@ def versions() -> dict:
         from jax._src.lib import cuda_versions
     except ImportError:
         cuda_versions = None
-    for key in ("cuda_runtime", "cuda_driver", "cudnn", "cublas"):
-        read = getattr(cuda_versions, f"{key}_get_version", None)
-        if read is not None:
-            info[key] = read()
-    if cuda_versions is not None and hasattr(cuda_versions, "cuda_compute_capability"):
-        info["compute_capability"] = cuda_versions.cuda_compute_capability(0)
+    if cuda_versions is not None:
+        queries = {key: getattr(cuda_versions, f"{key}_get_version", None)
+                   for key in ("cuda_runtime", "cuda_driver", "cudnn", "cublas")}
+        queries["compute_capability"] = lambda: cuda_versions.cuda_compute_capability(0)
+        for key, read in queries.items():
+            try:  # a library the plugin cannot load is a fact to record, not a reason to stop the run
+                if read is not None:
+                    info[key] = read()
+            except Exception as e:  # noqa: BLE001 - whatever the private module raises
+                info[key] = f"unavailable ({e.__class__.__name__})"
     info["environment"] = jax.print_environment_info(return_string=True)
     return info
 
@@ -315,8 +319,11 @@ def nvidia_smi() -> str:
     if not shutil.which("nvidia-smi"):
         return ""
     fields = "name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu"
-    done = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
-                          text=True, timeout=30)
+    try:
+        done = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):  # a hung or broken nvidia-smi: the run goes on without it
+        return ""
     return f"{fields}: {done.stdout.strip()}" if done.returncode == 0 else ""
 
 
