@@ -50,11 +50,12 @@ GPU session (the device tool's `run`; the bundle and the wheels are built here b
 15 device minutes in all, machine start included):
   run(command="python3 benchmarks/gpu_pretrain.py --out=$OUT --minutes=4",
       carry=["runs/gpu_data", ".whl"], timeout_s=600)
-or split, the second call at once:
-  run(command="python3 benchmarks/gpu_pretrain.py --out=$OUT --phase=train --minutes=6",
+or split, the second call at once (~8 minutes for setup, calibration and 5 of training, ~4 for the second
+call, 1-2 for the machine's start: the 15 device minutes leave no room for more training than this):
+  run(command="python3 benchmarks/gpu_pretrain.py --out=$OUT --phase=train --minutes=5",
       carry=["runs/gpu_data", ".whl"], timeout_s=600)
-  run(command="python3 benchmarks/gpu_pretrain.py --out=$OUT --phase=eval",
-      carry=["runs/gpu_data", ".whl"], timeout_s=300)
+  run(command="python3 benchmarks/gpu_pretrain.py --out=$OUT --phase=eval --budget_s=240",
+      carry=["runs/gpu_data", ".whl"], timeout_s=270)
 
 Outputs: everything in --work/results (kept on the machine between calls), and in --out at most 8 files
 (the device tool returns no more): summary.md, env.json, learning_curves.png, learning_curves_table.md and
