@@ -263,6 +263,10 @@ def trace_one_step(runner: JaxRunner, name: str, out: str) -> dict[str, Any]:
         if not found:
             return {"n_events": 0, "rule": "the profiler wrote no trace JSON"}
         split = gpu_kernels.kernel_split(gpu_kernels.load_trace(found[0]))
+        if jax.default_backend() == "gpu" and not split["rule"].startswith("GPU"):
+            # No GPU process in the trace (CUPTI recorded nothing): the CPU rule would count the host's
+            # kernel-launch spans as kernel time.
+            split = {"n_events": 0, "rule": "the trace holds no /device:GPU process (no CUPTI kernel records)"}
         size = os.path.getsize(found[0])
         if size <= MAX_TRACE_BYTES:
             os.makedirs(os.path.join(out, "traces"), exist_ok=True)
