@@ -19,11 +19,12 @@ Which events are device work (`device_events`). Metadata events ("ph": "M") name
 
 Classes (`classify`, first match wins, on the lower-cased kernel name; a name left in "other" gets a
 second try on its `hlo_op` argument): attention (cuDNN's `..._sdpa_..._flash_fprop/bprop_...`, fmha,
-flash), GEMM (cuBLAS / cuBLASLt `nvjet_*`, `sm90_xmma_gemm_*`, CUTLASS, XLA's Triton `gemm_fusion_*`,
-convolutions; on CPU YNNPACK/XNNPACK dot fusions and `dot`), gather / scatter (incl. dynamic
-(update-)slice), copies / transposes (copy, transpose, memcpy, memset, concatenate, pad, slice),
-softmax / reductions (softmax, reduce; LayerNorm's statistics are reductions too), elementwise fusions
-(any other XLA fusion: `loop_*`, `input_*`, `wrapped_*`, `fusion*`), other.
+flash, and the backward's `dot_do_o` / `convert_dq` helpers, which a bare `dot` would call GEMM), GEMM
+(cuBLAS / cuBLASLt `nvjet_*`, `sm90_xmma_gemm_*`, CUTLASS, XLA's Triton `gemm_fusion_*`, convolutions;
+on CPU YNNPACK/XNNPACK dot fusions and `dot`), gather / scatter (incl. dynamic (update-)slice), copies /
+transposes (copy, transpose, memcpy, memset, concatenate, pad, slice), softmax / reductions (softmax,
+reduce; LayerNorm's statistics are reductions too), elementwise fusions (any other XLA fusion: `loop_*`,
+`input_*`, `wrapped_*`, `fusion*`), other.
 
 Idle = the span from the first device event's start to the last one's end, minus the union of all device
 event intervals (streams may overlap, so the union, not the sum, is the busy time).
@@ -43,7 +44,8 @@ CONTAINER = re.compile(r"^(while|call|conditional)(\.\d+)?$")  # XLA:CPU thunks 
 # Ordered: attention before GEMM (flash kernels run wgmma), GEMM before reductions (cuBLAS's splitKreduce),
 # gather/scatter before copies (dynamic_slice is a slice), everything specific before "any fusion".
 CLASSES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("attention", re.compile(r"sdpa|flash|fmha|attention|attn|mha_")),
+    # cuDNN's flash backward is a chain: dot_do_o (rowsum of dO * O), the main kernel, convert_dq.
+    ("attention", re.compile(r"sdpa|flash|fmha|attention|attn|mha_|dot_do_o|convert_dq")),
     ("GEMM", re.compile(r"gemm|cublas|cutlass|nvjet|xmma|matmul|convolution|ynn_fusion|xnn_fusion|onednn"
                         r"|(^|[_.])dot([_.\d]|$)")),
     ("gather / scatter", re.compile(r"gather|scatter|dynamic[-_]?(update[-_]?)?slice")),
