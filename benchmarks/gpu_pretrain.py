@@ -5,7 +5,7 @@ score it against its random-init twin and raw pixels: does the recipe learn face
     nice -n 10 python benchmarks/gpu_pretrain.py --cpu --out=/tmp/gpu_pretrain_cpu  # here: toy sizes
 
 --cpu reads the few hundred faces of runs/gpu_data_tiny (benchmarks/gpu_data.py's docstring builds it) and
-runs every phase with a width-64, depth-2 ViT at 64 px: 4.5 minutes on 2 cores shared with a training job.
+runs every phase with a width-64, depth-2 ViT at 64 px: 250 s on 2 cores shared with a training job.
 
 The model is ViT-S with 8 px patches at 112 px: 196 patches, the token count of ViT-S/16 at 224, so the masks
 are the 14x14 layouts of the paper's recipe at a quarter of the pixels. The recipe is MeFEm-full as
