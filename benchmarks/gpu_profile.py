@@ -30,6 +30,10 @@ budget by a minute:
    unrolled step shows what the loop costs). Median step time, img/s, MFU (analytic FLOPs,
    mefem_jax.tpu.flops), then one step under jax.profiler: kernel time by class, idle between kernels,
    top kernels (gpu_kernels.py).
+5. xla_flags: step_auto again in a fresh process per XLA flag set (XLA reads XLA_FLAGS once, at start-up;
+   untraced), its step time against a fresh process with no extra flag: an A/B of flags that might help
+   (command buffers off, to see what launch overhead costs; Triton GEMM fusions off, cuBLAS instead).
+   What helps belongs in the launchers' XLA_FLAGS, not in the code.
 
 Output in --out: summary.md (the tables), gpu_profile.json (every number), traces/STEP.trace.json.gz (one
 perfetto trace per profiled step; `python benchmarks/gpu_kernels.py FILE` re-reads one).
@@ -86,14 +90,19 @@ class Sizes:
     windows: int  # timed windows (median reported)
     attn_calls: int  # attention calls per timed window
     limits: dict[str, int]  # phase -> seconds
+    xla_variants: tuple[str, ...]  # XLA flag sets of the xla_flags phase; "" is the control
 
 
 GPU = Sizes("B", 224, 256, "bfloat16", 16384, 15, warmup=2, steps=5, windows=5, attn_calls=20,
-            limits=dict(env=30, peak=45, attention=120, step_xla=100, step_auto=100, step_auto_unrolled=160))
+            limits=dict(env=30, peak=45, attention=120, step_xla=100, step_auto=100, step_auto_unrolled=160,
+                        xla_flags=200),
+            xla_variants=("", "--xla_gpu_enable_command_buffer=", "--xla_gpu_enable_triton_gemm=false"))
 CPU = Sizes("Ti", 112, 4, "float32", 512, 3, warmup=1, steps=1, windows=1, attn_calls=2,
-            limits=dict(env=30, peak=30, attention=90, step_xla=150, step_auto=150, step_auto_unrolled=200))
+            limits=dict(env=30, peak=30, attention=90, step_xla=150, step_auto=150, step_auto_unrolled=200,
+                        xla_flags=240),
+            xla_variants=("", "--xla_force_host_platform_device_count=1"))  # a flag this CPU accepts
 STEPS = {"step_xla": ("xla", True), "step_auto": ("auto", True), "step_auto_unrolled": ("auto", False)}
-PHASES = ("env", "peak", "attention", *STEPS)
+PHASES = ("env", "peak", "attention", *STEPS, "xla_flags")
 
 
 # ------------------------------------------------------------------------------------------- 1. env
@@ -278,7 +287,7 @@ def trace_one_step(runner: JaxRunner, name: str, out: str) -> dict[str, Any]:
 
 
 def step_phase(name: str, sizes: Sizes, images, peak_flops: float | None, out: str,
-               deadline: float) -> dict[str, Any]:
+               deadline: float, trace: bool = True) -> dict[str, Any]:
     attention, scan = STEPS[name]
     config = make_config(sizes.variant, sizes.image_size, sizes.batch, "stripes", sizes.dtype, scan_layers=scan)
     config.model.attention = attention
@@ -294,9 +303,46 @@ def step_phase(name: str, sizes: Sizes, images, peak_flops: float | None, out: s
               "img_s": sizes.batch / step_s, "flops": flops,
               "mfu": flops["total"] / step_s / peak_flops if peak_flops else None}
     print(f"  {name}: {result['step_ms']:.2f} ms/step, {result['img_s']:.0f} img/s, compile "
-          f"{runner.compile_s:.0f} s; tracing one step", flush=True)
-    result["trace"] = trace_one_step(runner, name, out)
+          f"{runner.compile_s:.0f} s", flush=True)
+    result["trace"] = trace_one_step(runner, name, out) if trace else {}
     return result
+
+
+def xla_flags_phase(sizes: Sizes, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
+    """step_auto in a fresh, untraced process per flag set of `sizes.xla_variants`, the control ("") first.
+
+    The child writes to a temporary folder, so --out keeps its few files (the device tool returns 8)."""
+    rows = []
+    for flags in sizes.xla_variants:
+        left = deadline - time.monotonic()
+        row: dict[str, Any] = {"flags": flags or "(none: the control)"}
+        if left < 30:
+            rows.append({**row, "note": "skipped: the phase's time limit was reached"})
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, os.path.abspath(__file__), f"--out={tmp}", "--phases=step_auto", "--no_trace",
+                   f"--budget_s={left - 5:.0f}", *(["--cpu"] if args.cpu else []),
+                   *([f"--batch={args.batch}"] if args.batch else [])]
+            env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+            done, child = None, {}
+            try:
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=left)
+                child = json.load(open(os.path.join(tmp, "gpu_profile.json")))
+            except (subprocess.TimeoutExpired, OSError, json.JSONDecodeError):
+                pass  # no step time: the row's note says why
+        if step := child.get("step_auto"):
+            row.update(compile_s=step["compile_s"], step_ms=step["step_ms"], img_s=step["img_s"])
+        elif status := child.get("phases", {}).get("step_auto", {}).get("status"):
+            row["note"] = f"no step time: {status}"
+        else:  # a flag this XLA does not know aborts the child before it writes anything: its last line says which
+            tail = (done.stderr.strip().splitlines() or ["-"])[-1][:200] if done else "timed out"
+            row["note"] = f"no step time ({'exit ' + str(done.returncode) if done else 'killed'}): {tail}"
+        rows.append(row)
+        print(f"  xla_flags {row['flags']}: {_fmt(row.get('step_ms'))} ms/step {row.get('note', '')}", flush=True)
+    control = rows[0].get("step_ms") if rows and not sizes.xla_variants[0] else None
+    for row in rows:
+        row["vs_control"] = row["step_ms"] / control if control and row.get("step_ms") else None
+    return {"rows": rows}
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -353,7 +399,17 @@ def summary_markdown(r: dict[str, Any]) -> str:
         lines += ["", "Step GFLOP: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in flops.items()) + "."]
         lines += ["", "## Kernel time of one traced step", ""]
         for name, st in steps.items():
-            lines += [gpu_kernels.markdown(st["trace"], f"{name} ({st['trace'].get('trace_file', 'no trace')})")]
+            if st["trace"]:
+                lines += [gpu_kernels.markdown(st["trace"], f"{name} ({st['trace'].get('trace_file', 'no trace')})")]
+    if "xla_flags" in r:
+        lines += ["", "## XLA flags", "", "step_auto's step in a fresh, untraced process per flag set; the control "
+                  "is the same process with no extra flag. Ratio < 1: the flags make the step faster.", "",
+                  "| XLA_FLAGS added | compile s | step ms | img/s | step ms / control | note |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for row in r["xla_flags"]["rows"]:
+            lines.append(f"| `{row['flags']}` | {_fmt(row.get('compile_s'), '.0f')} | {_fmt(row.get('step_ms'))} | "
+                         f"{_fmt(row.get('img_s'), '.0f')} | {_fmt(row.get('vs_control'), '.3f')} | "
+                         f"{row.get('note', '')} |")
     lines += ["", "Which trace events count as device work, and the kernel classes: benchmarks/gpu_kernels.py's "
               "docstring (GPU: the /device:GPU process's Stream threads only; host threads never count)."]
     return "\n".join(lines) + "\n"
@@ -431,6 +487,7 @@ def parse_args(argv):
     p.add_argument("--budget_s", type=float, default=480, help="the whole run's time budget")
     p.add_argument("--batch", type=int, default=0, help="override the mode's batch (256 on a GPU, 4 on --cpu)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--no_trace", action="store_true", help="time the steps without tracing one (xla_flags' children)")
     args = p.parse_args(argv)
     args.phases = [x for x in args.phases.split(",") if x]
     if unknown := sorted(set(args.phases) - set(PHASES)):
@@ -464,11 +521,12 @@ def main(argv=None) -> int:
             pixels, results["images"] = load_faces(sizes.batch, sizes.image_size)  # noise where UTKFace is absent
             faces.append(normalise(pixels))
         peak = results.get("peak", {}).get("flops")
-        return step_phase(name, sizes, faces[0], peak, args.out, deadline)
+        return step_phase(name, sizes, faces[0], peak, args.out, deadline, trace=not args.no_trace)
 
     for name in args.phases:
         fn = {"env": env_facts, "peak": lambda d: matmul_peak(sizes, d),
-              "attention": lambda d: attention_phase(sizes, d)}.get(name, functools.partial(step, name))
+              "attention": lambda d: attention_phase(sizes, d),
+              "xla_flags": lambda d: xla_flags_phase(sizes, args, d)}.get(name, functools.partial(step, name))
         run_phase(name, fn, sizes.limits[name], report, t0, args.budget_s)
         gc.collect()  # a step's state and buffers go before the next step is built
     report.write()
