@@ -38,7 +38,7 @@ summary.md, so nothing ends without one):
              twin with the raw-pixel baseline: probes fitted on --probe_fit (2,000 faces: at 5,000 the
              grid probes of one encoder took 5.6 minutes of a core here), scored once on --probe_test;
              then scripts/summarize_curves.py (curves and tables) and scripts/paired_compare.py
-             (pretrained - random, paired over the test faces, CLS readout: it refits the probes).
+             (pretrained - random, paired over the test faces, every readout, from per_face.csv).
 
 --phase=all runs them in one command of at most --budget_s (560 s), holding 170 s of it for eval: about
 30 s of setup, 90 s of calibration, --minutes of training and 2-3 minutes of evaluation. The device tool
@@ -469,15 +469,15 @@ def evaluate(run: Run) -> None:
         if rc == 0:
             run.note(f"- {name}: evaluated in {wall:.0f} s")
             run.note(report_table(run.res / f"test_{name}_s0" / "report.json", name))
-    # The curves first: they are cheap and come back as files of their own. paired_compare refits every
-    # probe it pairs, so it pairs the CLS readout only; per_face.csv (results.tar.gz) pairs the others later.
+    # The curves first: they come back as files of their own. paired_compare reads evaluate's per_face.csv
+    # (no refitting), so pairing every readout takes seconds.
     if (run.res / "mefem_s0" / "metrics.jsonl").is_file():
         run.call("curves", [sys.executable, "scripts/summarize_curves.py", str(run.res), str(run.res)],
                  max(10.0, min(60.0, run.left())))
     both = [run.res / f"test_{n}_s0" for n in ("mefem", "random")]
     if all((d / "report.json").is_file() for d in both) and run.left() > 40:
         rc, _ = run.call("paired", [sys.executable, "scripts/paired_compare.py", *map(str, both),
-                                    f"--targets={a.targets}", "--features=cls"], run.left() - 20)
+                                    f"--targets={a.targets}", "--features=cls,mean,grid"], run.left() - 20)
         if rc == 0:
             run.note("\n### Pretrained - random init, paired over the test faces\n")
             run.note("\n".join(x for x in run.log("paired").read_text().splitlines() if x.startswith(("|", "A ="))))
