@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from mefem_jax.evaluation.bootstrap import paired_difference
+from mefem_jax.evaluation.compare import per_face_scores
 from mefem_jax.evaluation.embeddings import Embeddings
 from mefem_jax.evaluation.probes import blas_threads
 from mefem_jax.evaluation.targets import parse_targets, probe_target
@@ -46,9 +47,8 @@ def _from_per_face(path: Path) -> dict[tuple[str, str], dict[str, float]]:
     return scores
 
 
-def _refitted(folder: Path, targets, features) -> dict[tuple[str, str], dict[str, float]]:
+def _refitted(folder: Path, report: dict, targets, features) -> dict[tuple[str, str], dict[str, float]]:
     """The same mapping from probes refitted on the embeddings an older evaluate cached."""
-    report = _report(folder)
     caches = [report.get("data", {}).get(split, {}).get("cache") for split in ("train", "test")]
     if not all(caches) or not all(Path(c).is_file() for c in caches):
         raise SystemExit(f"error: {folder} has neither per_face.csv nor cached embeddings to refit from")
@@ -58,18 +58,15 @@ def _refitted(folder: Path, targets, features) -> dict[tuple[str, str], dict[str
         for target in targets:
             for feature in features:
                 _, result = probe_target(target, train, test, feature)
-                if target.kind == "regression":
-                    per_row = np.abs(result.y_pred - result.y_true)
-                else:
-                    per_row = (result.y_pred == result.y_true).astype(np.float64)
+                per_row = per_face_scores(target.kind, result)  # what evaluate writes to per_face.csv
                 scores[(target.name, feature)] = dict(zip(test.ids.tolist(), per_row.tolist()))
     return scores
 
 
 def per_face(folder: Path, targets, features) -> dict[tuple[str, str], dict[str, float]]:
-    _report(folder)  # an evaluate output folder, or one line saying it is not
+    report = _report(folder)  # an evaluate output folder, or one line saying it is not
     path = folder / "per_face.csv"
-    return _from_per_face(path) if path.is_file() else _refitted(folder, targets, features)
+    return _from_per_face(path) if path.is_file() else _refitted(folder, report, targets, features)
 
 
 def main(argv) -> None:

@@ -12,9 +12,10 @@ Every choice here exists so that a parameter tree trained in JAX exports to a ti
   at export time; with `posemb="learn"` it is a trainable parameter.
 
 For I-JEPA training the encoder also sees *subsets* of patches: `patch_idx` picks which grid
-cells enter the sequence (static K, so one compilation; their pixels are gathered before the embedding), `patch_valid` marks padding slots
-and `cls_visible` hides CLS. Hidden tokens are removed as attention *keys*, so no visible
-token's output depends on them; they still get an output row (which the caller ignores).
+cells enter the sequence (static K, so one compilation; their pixels are gathered before the
+embedding), `patch_valid` marks padding slots and `cls_visible` hides CLS. Hidden tokens are
+removed as attention *keys*, so no visible token's output depends on them; they still get an output
+row (which the caller ignores).
 """
 from __future__ import annotations
 
