@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from mefem_jax import cli
@@ -39,6 +40,7 @@ from mefem_jax.data.pipeline import make_train_iterator
 from mefem_jax.evaluation.online_probe import probe_during_training
 from mefem_jax.models import vit
 from mefem_jax.training import loop, sharding
+from mefem_jax.training.metric_writer import read_metrics
 from mefem_jax.training.run_setup import prepare
 from mefem_jax.weights import encoders
 from mefem_jax.weights.runs import run_step
@@ -66,12 +68,13 @@ def train(config, workdir: str | Path, allow_config_change: tuple[str, ...] | li
     with `step` (the last step done and saved) and `preempted` (stopped by a signal after saving).
     `allow_config_change`: keys a resume may change beyond run_record.RESUMABLE."""
     validate_config(config)  # before the workdir is touched: a bad config leaves nothing behind
-    return loop.run(config, workdir, pretraining_task(config), allow_config_change)
+    return loop.run(config, workdir, pretraining_task(config, workdir), allow_config_change)
 
 
-def pretraining_task(config) -> loop.Task:
+def pretraining_task(config, workdir: str | Path | None = None) -> loop.Task:
     """The JEPA run as the shared loop sees it: run_setup's step on the pretraining stream, probes of the
-    target encoder every eval.every_steps, the pipeline's decoded/skipped counts saved with each step."""
+    target encoder every eval.every_steps, the pipeline's decoded/skipped counts saved with each step.
+    `workdir`'s metrics.jsonl, when there is one, gives a resumed run's probes their RankMe history."""
     stats = loop.DataStats(mixture.source_names(config.data.train))
     pieces = {}  # the run's Pieces once prepared, for the probes
 
@@ -90,19 +93,27 @@ def pretraining_task(config) -> loop.Task:
         return sharding.global_batch(np.asarray(batch["image"]), run.batch_sharding)
 
     return loop.Task(prepare=setup, data=data, fresh_state=lambda run: _fresh_state(run, config), inputs=inputs,
-                     evaluate=lambda state: _probe(pieces["run"].pieces, state, config),
+                     evaluate=lambda state: _probe(pieces["run"].pieces, state, config, _history(workdir, pieces)),
                      eval_every=int(config.eval.every_steps), counters=stats.as_dict,
                      restore_counters=stats.restore)
 
 
-def _probe(pieces, state, config) -> dict:
+def _history(workdir, pieces: dict) -> list[dict]:
+    """The metric rows this run logged before this process started (read once, on the first probe)."""
+    if "history" not in pieces:
+        path = epath.Path(workdir) / "metrics.jsonl" if workdir is not None else None
+        pieces["history"] = read_metrics(path) if path is not None and path.exists() else []
+    return pieces["history"]
+
+
+def _probe(pieces, state, config, history: list[dict]) -> dict:
     """Linear probes of the current target encoder on the eval set (config.eval), on every process."""
     params = state.target_params
     if jax.process_count() > 1:  # host copies of the (possibly cross-process) shards
         from jax.experimental import multihost_utils
 
         params = multihost_utils.process_allgather(params, tiled=True)
-    return probe_during_training(pieces.objective.encoder, params, config.eval)
+    return probe_during_training(pieces.objective.encoder, params, config.eval, history)
 
 
 def _fresh_state(run, config):

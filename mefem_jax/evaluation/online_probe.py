@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import ml_collections
 import numpy as np
@@ -84,7 +84,7 @@ def _capped(spec: str, max_images: int) -> DataSpec:
 
 # (spec, image size, max images, split) -> held images; filled on first use.
 _HELD: dict[tuple, _HeldImages] = {}
-# (eval test spec, encoder) -> the RankMe reference of this process's first probe.
+# (eval test spec, encoder) -> the peak RankMe of each readout in this run.
 _WATCH: dict[tuple, rankme.CollapseWatch] = {}
 
 
@@ -108,8 +108,18 @@ def _held_images(spec: str, image_size: int, eval_cfg, split: str) -> _HeldImage
     return _HELD[key]
 
 
-def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigDict) -> dict[str, float]:
-    """Embed the held eval splits with `params` and fit the configured probes (module docstring)."""
+def _watch(test_spec: str, encoder: ViT, history: Iterable[dict]) -> rankme.CollapseWatch:
+    key = (test_spec, encoder)
+    if key not in _WATCH:
+        _WATCH[key] = rankme.CollapseWatch(history)
+    return _WATCH[key]
+
+
+def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigDict,
+                          history: Iterable[dict] = ()) -> dict[str, float]:
+    """Embed the held eval splits with `params` and fit the configured probes (module docstring).
+    `history`: the run's metric rows logged before this process started (a resume), whose RankMe
+    peaks the collapse warning measures against; read on the first probe only."""
     # Imported on the first probe, not with the config: the probes pull in scikit-learn and lifelines,
     # seconds of start-up that a run without `eval.every_steps` should not pay.
     from mefem_jax.evaluation.embeddings import GRID_SIZE, compute_embeddings
@@ -136,7 +146,7 @@ def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigD
                 for metric, short in _HEADLINE[target.kind].items():
                     out[f"probe_{name}_{short}{suffix}"] = float(row["metrics"][metric])
     ranks = rankme.health(test.features, test.tokens)
-    for line in _WATCH.setdefault((eval_cfg.test, encoder), rankme.CollapseWatch()).check(ranks):
+    for line in _watch(eval_cfg.test, encoder, history).check(ranks):
         logging.warning("representation health: %s", line)
     out.update(ranks)
     out["probe_seconds"] = time.perf_counter() - t0

@@ -16,21 +16,25 @@ Warnings. What the rank of a healthy encoder is depends on its width, data and r
 init width-128 ViT embeds UTKFace faces at about 9 (CLS), 8 (mean) and 30 (patch tokens); a
 SIGReg-regularised run lifted CLS to 29), so no absolute number suits every model. What does not
 depend on them is the signature of dimensional collapse measured in small JEPA runs, ours and the
-official I-JEPA code alike: the rank *halves* from its value at initialisation within a few hundred
-steps. So:
+official I-JEPA code alike: the rank *halves*. It may halve from its value at initialisation within a
+few hundred steps, or rise first and halve later: the 3,000-step `:cpu` run's CLS rank went 9.2 (step
+0) -> 11.7 (500) -> 5.5 (2,000), never below half its first value, while its CLS probes fell back to
+the random init's (docs/RESULTS.md). So:
 
-* during training, a readout whose RankMe falls below `COLLAPSE_RATIO` (1/2) of its value at the
-  run's first probe (step 0 for a fresh run) is a log warning (`CollapseWatch`);
+* during training, a readout whose RankMe falls below `COLLAPSE_RATIO` (1/2) of the highest value it
+  had in the run (its peak, the run's logged history included after a resume) is a log warning
+  (`CollapseWatch`);
 * in a standalone evaluation, where there is no history, only a readout below `MIN_RANK` (2: the
   embeddings essentially on a line) is a warning.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-COLLAPSE_RATIO = 0.5  # warn when a readout's rank falls below this fraction of its first value
+COLLAPSE_RATIO = 0.5  # warn when a readout's rank falls below this fraction of its peak in the run
 MIN_RANK = 2.0        # ... or, with no history, below this
 
 
@@ -85,26 +89,33 @@ def health(features: dict[str, np.ndarray], tokens: TokenStats | None = None,
 
 def low_rank_warnings(ranks: dict[str, float], reference: dict[str, float] | None = None) -> list[str]:
     """One line per readout that collapsed: below COLLAPSE_RATIO of `reference` (the same readout's
-    first value in this run) when given, else below MIN_RANK."""
+    peak in this run) when given, else below MIN_RANK."""
     lines = []
     for name, value in ranks.items():
         if reference and name in reference:
             floor = COLLAPSE_RATIO * reference[name]
             if value < floor:
-                lines.append(f"{name} = {value:.1f} fell below {COLLAPSE_RATIO:.0%} of its first value "
-                             f"{reference[name]:.1f}: the representation is losing dimensions (collapse?)")
+                lines.append(f"{name} = {value:.1f} fell below {COLLAPSE_RATIO:.0%} of its peak "
+                             f"{reference[name]:.1f} in this run: the representation is losing dimensions (collapse?)")
         elif value < MIN_RANK:
             lines.append(f"{name} = {value:.2f} is below {MIN_RANK}: the embeddings lie nearly on a line (collapsed)")
     return lines
 
 
 class CollapseWatch:
-    """Remembers the first RankMe of each readout and warns when a later one halves (module docstring)."""
+    """Remembers the peak RankMe of each readout and warns when a later one is under half of it (module
+    docstring). `history`: rows logged earlier in the run (metrics.jsonl), so a resumed run keeps its peaks."""
 
-    def __init__(self):
+    def __init__(self, history: Iterable[dict] = ()):
         self.reference: dict[str, float] = {}
+        for row in history:
+            self._remember({k: v for k, v in row.items() if k.startswith("rankme_") and v is not None})
+
+    def _remember(self, ranks: dict[str, float]) -> None:
+        for name, value in ranks.items():
+            self.reference[name] = max(float(value), self.reference.get(name, float("-inf")))
 
     def check(self, ranks: dict[str, float]) -> list[str]:
-        for name, value in ranks.items():
-            self.reference.setdefault(name, value)
-        return low_rank_warnings(ranks, self.reference)
+        lines = low_rank_warnings(ranks, self.reference) if self.reference else []
+        self._remember(ranks)
+        return lines

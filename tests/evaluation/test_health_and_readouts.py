@@ -46,14 +46,27 @@ def test_token_stats_sum_over_batches_to_the_rank_of_all_tokens():
     assert total.rankme() == pytest.approx(rankme.rankme(x), rel=1e-6)
 
 
-def test_collapse_warnings_relative_to_the_first_probe_and_absolute_without_history():
+def test_collapse_warnings_relative_to_the_peak_and_absolute_without_history():
+    # The 3,000-step :cpu run's CLS ranks: up from init, then down to under half of the peak (never
+    # under half of the first value, which is what the watch used to compare against).
     watch = rankme.CollapseWatch()
-    assert watch.check({"rankme_cls": 9.0, "rankme_patch": 30.0}) == []  # the reference itself
-    assert watch.check({"rankme_cls": 5.0, "rankme_patch": 28.0}) == []  # 5 > 4.5: not halved
-    lines = watch.check({"rankme_cls": 4.0, "rankme_patch": 31.0})
-    assert len(lines) == 1 and lines[0].startswith("rankme_cls = 4.0 fell below 50% of its first value 9.0")
+    assert watch.check({"rankme_cls": 9.2, "rankme_patch": 30.0}) == []  # the first probe: no reference
+    assert watch.check({"rankme_cls": 11.7, "rankme_patch": 32.0}) == []  # the peak
+    assert watch.check({"rankme_cls": 7.9, "rankme_patch": 32.9}) == []  # 7.9 > 5.85: not halved
+    lines = watch.check({"rankme_cls": 5.5, "rankme_patch": 35.7})
+    assert lines == ["rankme_cls = 5.5 fell below 50% of its peak 11.7 in this run: the representation is "
+                     "losing dimensions (collapse?)"]
     assert rankme.low_rank_warnings({"rankme_cls": 1.5, "rankme_mean": 8.0}) == [
         "rankme_cls = 1.50 is below 2.0: the embeddings lie nearly on a line (collapsed)"]
+
+
+def test_collapse_watch_keeps_a_resumed_runs_peak_from_its_logged_history():
+    history = [{"step": 0, "loss": 0.4, "rankme_cls": 9.2}, {"step": 25, "loss": 0.3},
+               {"step": 500, "rankme_cls": 11.7, "rankme_mean": None}]
+    resumed = rankme.CollapseWatch(history)
+    assert resumed.reference == {"rankme_cls": 11.7}
+    assert len(resumed.check({"rankme_cls": 5.5, "rankme_mean": 9.4})) == 1  # cls only: mean has no peak yet
+    assert rankme.CollapseWatch().check({"rankme_cls": 5.5}) == []  # without the history it cannot know
 
 
 def test_pooling_matrix_bins():
@@ -155,3 +168,14 @@ def test_paired_difference_is_narrower_than_unpaired_and_centred_on_the_gap():
     assert d["high"] - d["low"] < (unpaired[1] - unpaired[0]) / 4
     with pytest.raises(ValueError):
         bootstrap.paired_difference(a, b[:10])
+
+
+def test_a_resumed_pretraining_run_reads_its_logged_rows_once_for_the_watch(tmp_path):
+    from mefem_jax.train import _history
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "rankme_cls": 9.2}\n{"step": 500, "rankme_cls": 11.7}\n')
+    cache: dict = {}
+    assert _history(tmp_path, cache) == [{"step": 0, "rankme_cls": 9.2}, {"step": 500, "rankme_cls": 11.7}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "rankme_cls": 1.0}\n')  # rows logged by this process
+    assert _history(tmp_path, cache)[-1]["step"] == 500  # ... do not replace what it started with
+    assert _history(tmp_path / "fresh", {}) == [] and _history(None, {}) == []
