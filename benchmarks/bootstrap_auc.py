@@ -11,13 +11,16 @@ for c in (2, 5):
         out = []
         for i in idx:
             yi, si = y[i], s[i]
-            out.append(roc_auc_score(yi, si[:, 1]) if c == 2 else np.mean([roc_auc_score(yi == k, si[:, k]) for k in np.unique(yi)]))
+            out.append(roc_auc_score(yi, si[:, 1]) if c == 2
+                       else np.mean([roc_auc_score(yi == k, si[:, k]) for k in np.unique(yi)]))
         return np.array(out)
     times = {}
-    for name, f in (("sklearn per resample", loop), ("rank sums, all resamples", lambda: bootstrap._resampled_aucs(y, s, idx))):
+    ways = (("sklearn per resample", loop), ("rank sums, all resamples", lambda: bootstrap._resampled_aucs(y, s, idx)))
+    for name, f in ways:
         ts = []
         for _ in range(3):
             t = time.perf_counter(); r = f(); ts.append(time.perf_counter() - t)
         times[name] = (np.median(ts), r)
     a, b = times.values()
-    print(f"{c} classes, {n} rows, 1000 resamples: sklearn {a[0]:.2f} s, rank sums {b[0]:.2f} s, x{a[0]/b[0]:.1f}, max |diff| {np.max(np.abs(a[1]-b[1])):.1e}")
+    print(f"{c} classes, {n} rows, 1000 resamples: sklearn {a[0]:.2f} s, rank sums {b[0]:.2f} s, "
+          f"x{a[0]/b[0]:.1f}, max |diff| {np.max(np.abs(a[1]-b[1])):.1e}")

@@ -375,7 +375,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("shots", SHOTS, "fewshot: training labels per class (classification) or in all "
                         "(regression); 'all' is every label.")
     flags.DEFINE_integer("fewshot_seeds", 3, "fewshot: draws of the labelled faces per size.")
-    flags.DEFINE_string("groups", None, "Subgroup report of every linear probe, e.g. gender,race,age_bin=0,20,40,60,120.")
+    flags.DEFINE_string("groups", None,
+                        "Subgroup report of every linear probe, e.g. gender,race,age_bin=0,20,40,60,120.")
     flags.DEFINE_integer("min_group", 30, "Groups with fewer test faces are listed without an interval.")
     flags.DEFINE_integer("saliency", 0, "Saliency maps of every probe over this many test faces (0: none).")
     flags.mark_flags_as_required(["model", "out"])

@@ -98,8 +98,9 @@ def main() -> None:
     pieces = step_lib.build(c, outputs)
     features = views[(0.8, 1.0)]
     head = linear_head.fit_head(features, y_train, outputs, stats)
-    print(f"4. LP-FT: the age probe's weights on the standardised features sum to {np.abs(head['kernel'][:, 0]).sum():.1f} "
-          f"in absolute value (largest {np.abs(head['kernel'][:, 0]).max():.2f}) over {features.shape[1]} dimensions")
+    weights = np.abs(head['kernel'][:, 0])
+    print(f"4. LP-FT: the age probe's weights on the standardised features sum to {weights.sum():.1f} "
+          f"in absolute value (largest {weights.max():.2f}) over {features.shape[1]} dimensions")
     params = {"encoder": loaded.params, "head": dict(head, **stats)}
     state = step_lib.FinetuneState(step=jnp.zeros((), jnp.int32), params=params, opt_state=pieces.tx.init(params),
                                    rng=key)
@@ -109,9 +110,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for t in range(21):
         if t in (0, 2, 5, 10, 20):
-            shift = (step_lib.features(pieces, state.params["encoder"], val.images, 100) - val_start) / stats["input_std"]
+            now = step_lib.features(pieces, state.params["encoder"], val.images, 100)
+            shift = (now - val_start) / stats["input_std"]
             age = step_lib.in_batches(predict, state.params, val.images, 100)[:, 0] * outputs[0].std + outputs[0].mean
-            print(f"   step {t:2d}: validation features moved by a median {np.median(np.abs(shift.mean(0))):.3f} spreads "
+            shared = np.median(np.abs(shift.mean(0)))
+            print(f"   step {t:2d}: validation features moved by a median {shared:.3f} spreads "
                   f"(shared shift), {np.median(shift.std(0)):.3f} (per face); validation age MAE "
                   f"{np.abs(age - ages).mean():.2f}, mean prediction {age.mean():.1f} (true {ages.mean():.1f})")
         rows = rng.choice(len(train.images), 64, replace=False)

@@ -167,7 +167,8 @@ def table(root: Path) -> tuple[str, dict]:
                     versus_probe.append(f"| {n} | {seed} | {init} (its step 0) | "
                                         + _paired(predictions, workdir / "test" / "start_predictions.csv") + " |")
                 elif probes.get(init, {}).get("per_face"):
-                    versus_probe.append(f"| {n} | {seed} | {init} | " + _paired(predictions, probes[init]["per_face"]) + " |")
+                    paired = _paired(predictions, probes[init]["per_face"])
+                    versus_probe.append(f"| {n} | {seed} | {init} | {paired} |")
                 m = _metrics(workdir)
                 curve[init].setdefault(n, []).append((m["age_mae"], m["gender_acc"]))
                 scores.append(f"| {n} | {seed} | {init}: fine-tuned | {m['kept']} | {_ci(m['age_mae'], m['age_ci'])} | "
@@ -196,8 +197,10 @@ def plot(curve: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     counts = sorted({n for series in curve.values() for n in series}, key=_order)
     x = {n: i for i, n in enumerate(counts)}
-    styles = {"pretrained": ("C0", "o", "fine-tuned from pretrained"), "random": ("C3", "s", "fine-tuned from random init"),
-              "probe": ("C0", "^", "linear probe of pretrained"), "random probe": ("C3", "v", "linear probe of random init")}
+    styles = {"pretrained": ("C0", "o", "fine-tuned from pretrained"),
+              "random": ("C3", "s", "fine-tuned from random init"),
+              "probe": ("C0", "^", "linear probe of pretrained"),
+              "random probe": ("C3", "v", "linear probe of random init")}
     panels = (("test age MAE (years)", 0, 1.0), ("test gender accuracy (%)", 1, 100.0))
     for i, (ylabel, column, scale) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)

@@ -20,7 +20,8 @@ file, filename, image, path). Any other `key=value` keeps rows whose label `key`
 (`|` separates alternatives; cells compared with surrounding spaces stripped): the row filter
 grammar of `mefem_jax.data.csv_text`, which the shard builder's `--filter` shares. `split=NAME` is
 that filter too, except for `synthetic` and `tfds:` sources, whose splits are separate sets: there
-it picks the set (default: train for --train, test otherwise). A tail without `=` is not options: `synthetic:test` stays one source.
+it picks the set (default: train for --train, test otherwise). A tail without `=` is not options:
+`synthetic:test` stays one source.
 
 Folder + CSV sources are read here; each image gets the shard pipeline's eval preprocessing
 (`data.augment`: centre square, resize to the model size, ImageNet mean/std), so a folder and the

@@ -65,8 +65,9 @@ def markdown_report(report: dict) -> str:
     title = models[0]["spec"] if not several else " vs ".join(m["label"] for m in models)
     lines = [f"# Evaluation of `{title}`", ""]
     lines += [f"- encoder{' `' + m['label'] + '`' if several else ''}: {_describe(m)}" for m in models]
+    g = report.get('grid_size', 2)
     lines += [f"- features: `cls` = final-normed CLS token (a CNN's pooled features), `mean` = mean of final-normed "
-              f"patch tokens, `grid` = patch tokens pooled to {report.get('grid_size', 2)}x{report.get('grid_size', 2)} "
+              f"patch tokens, `grid` = patch tokens pooled to {g}x{g} "
               f"cells, `pixels` = the image downsampled to {report['pixel_size']}x{report['pixel_size']}x3 (baseline)",
               "- metrics on test with a bootstrap 95 % interval over the test rows in brackets"]
     for split, info in report["data"].items():
@@ -106,7 +107,8 @@ def _describe(m: dict) -> str:
 
 
 def _table(titles: list[str], n_text: int) -> list[str]:
-    return ["| " + " | ".join(titles) + " |", "|" + "|".join(["---"] * n_text + ["---:"] * (len(titles) - n_text)) + "|"]
+    aligns = ["---"] * n_text + ["---:"] * (len(titles) - n_text)
+    return ["| " + " | ".join(titles) + " |", "|" + "|".join(aligns) + "|"]
 
 
 def _health(report: dict, models: list[dict]) -> list[str]:

@@ -25,7 +25,8 @@ from helpers.runs import TINY, TOTAL, Run, complete_steps, last_logged_step, log
 from mefem_jax import train as train_module
 from mefem_jax.config import validate_config
 from mefem_jax.config_checks import ConfigError
-from mefem_jax.training.checkpoint import CheckpointSaveError, Checkpointer, IncompatibleCheckpointError, check_compatible
+from mefem_jax.training.checkpoint import (CheckpointSaveError, Checkpointer, IncompatibleCheckpointError,
+                                           check_compatible)
 from mefem_jax.training.metric_writer import MetricWriter, read_metrics
 from mefem_jax.workdir_lock import WorkdirLock, WorkdirLockedError
 

@@ -143,7 +143,8 @@ def test_a_forward_too_large_for_memory_fails_instead_of_hanging(subprocesses):
 
 
 @pytest.mark.parametrize("options, words", [
-    ({"model": [TINY, "timm:vit_smal_patch16_224"]}, "timm has no architecture 'vit_smal_patch16_224'; close names: vit_small_patch16_224"),
+    ({"model": [TINY, "timm:vit_smal_patch16_224"]},
+     "timm has no architecture 'vit_smal_patch16_224'; close names: vit_small_patch16_224"),
     ({"groups": "gender,ethnicity"}, r"\['ethnicity'\]"),
     ({"groups": "age_bin=40,20"}, "increasing"),
     ({"protocols": ("linear", "fewshot"), "shots": "1,all", "targets": "gender:classification"}, "n=1 is too few"),

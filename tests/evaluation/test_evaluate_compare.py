@@ -50,7 +50,8 @@ def test_every_encoder_is_probed_and_compared_face_by_face(compared):
         rows = list(csv.DictReader(f))
     for probe in report["probes"]:
         key = (probe["model"], probe["target"], probe["features"], probe["protocol"], str(probe.get("k") or ""))
-        scores = [float(r["score"]) for r in rows if (r["model"], r["target"], r["features"], r["protocol"], r["k"]) == key]
+        scores = [float(r["score"]) for r in rows
+                  if (r["model"], r["target"], r["features"], r["protocol"], r["k"]) == key]
         assert len(scores) == 40, key
         headline = "mae" if probe["kind"] == "regression" else "accuracy"
         assert np.mean(scores) == pytest.approx(probe["metrics"][headline]), key
