@@ -29,7 +29,7 @@ Where the numbers come from:
 * **Crop and flip**: the pretraining pipeline's random-resized crop (0.3-1 of the face) and flip, in the
   step. MAE also uses RandAugment, mixup and cutmix, which are made for object classes, not faces.
 * **Age-balanced sampling** (`data.balance='age:10'`): FAHR-FaceAge's inverse-frequency balancing.
-* **The kept step**: the best on the validation split by `eval.select` (finetuning/scoring.py).
+* **The kept step**: the best on the validation split by `eval.select` (finetuning/scoring.py, training/kept_step.py).
 
 `model` is not set here: it is the encoder's, read from `init` at start-up (weights/encoders.py).
 """

@@ -7,11 +7,11 @@ so a fine-tune and a linear probe of the same encoder can be compared row for ro
 
 `eval.select` names the validation number that picks the kept step: `loss` (the summed training loss
 on the validation faces, the default: it weighs every target) or one metric, e.g. `age_mae`,
-`gender_accuracy`. Losses, MAEs and RMSEs are better lower, everything else higher.
+`gender_accuracy`. Losses, MAEs and RMSEs are better lower, everything else higher
+(training/kept_step.py, which keeps the step).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -19,8 +19,6 @@ import numpy as np
 from mefem_jax.evaluation import bootstrap
 from mefem_jax.evaluation.probes import classification_metrics, regression_metrics
 from mefem_jax.finetuning.outputs import Output, decode
-
-LOWER_IS_BETTER = ("loss", "mae", "rmse")
 
 
 def _rows(labels: np.ndarray, j: int) -> np.ndarray:
@@ -52,15 +50,6 @@ def validation_metrics(outputs: Sequence[Output], logits: np.ndarray, labels: np
         total += term
     metrics["loss"] = total
     return metrics
-
-
-def is_better(select: str, value: float, best: float | None) -> bool:
-    if not math.isfinite(value):
-        return False
-    if best is None:
-        return True
-    lower = select.endswith(LOWER_IS_BETTER)
-    return value < best if lower else value > best
 
 
 def test_rows(outputs: Sequence[Output], logits: np.ndarray, labels: np.ndarray, seed: int = 0) -> list[dict]:
