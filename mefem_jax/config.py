@@ -85,6 +85,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         checks.check_section(c[section] if section else c, section, rules)
     checks.require("model.image_size", c.model.image_size, c.model.image_size % c.model.patch_size == 0,
                    f"a multiple of model.patch_size={c.model.patch_size}")
+    if c.eval.get("select"):
+        checks.require("eval.every_steps", c.eval.every_steps, c.eval.every_steps > 0,
+                       f"> 0 with eval.select={c.eval.select!r}: the kept step is chosen among the probed ones")
     side = min(patch_grid(c.model))
     if "grid" in str(c.eval.features).split(","):  # a grid finer than the patches only repeats them
         checks.require("eval.grid_size", c.eval.grid_size, c.eval.grid_size <= side,

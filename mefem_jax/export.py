@@ -3,6 +3,7 @@
     python -m mefem_jax.export --workdir=WORKDIR --out=FOLDER [--which=target|context] [--step=N]
                                [--format=safetensors,pth] [--overwrite]
     python -m mefem_jax.export --checkpoint=WORKDIR/checkpoints/N --out=FOLDER
+    python -m mefem_jax.export --checkpoint=WORKDIR/selected --out=FOLDER   # the step eval.select picked
     python -m mefem_jax.export --checkpoint=MeFEm-S.pth.tar|model.safetensors|FOLDER[:heads=H] --out=FOLDER
     python -m mefem_jax.export --workdir=FINETUNE_WORKDIR --out=FOLDER [--head|--nohead]
 
@@ -56,6 +57,8 @@ def _load(source: str, which: str, step: int | None, from_run: bool):
         loaded = load_encoder(source, which)
     if loaded.run_config is not None:
         card = training_card(loaded.run_config, loaded.identity["step"], which, loaded.run_dir)
+        if loaded.identity.get("selected_by"):  # WORKDIR/selected: the step the run's probes picked
+            card["selected by"] = loaded.identity["selected_by"]
     else:
         card = {"source": source}
         if loaded.identity.get("notes"):

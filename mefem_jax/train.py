@@ -8,6 +8,8 @@ on any machine; point `data.train` at a shard folder (`python -m mefem_jax.data.
 `tfds:NAME` for real faces. Writes to DIR: config.json, metrics.jsonl, TensorBoard events (tb/),
 checkpoints/ (Orbax: train state + data iterator + config), and plots/loss.png at the end. Re-running
 the same command resumes from the newest complete checkpoint; SIGTERM (preemption) saves before exit.
+With `--config.eval.select=METRIC` (a probe column, e.g. probe_age_mae) it also keeps the target encoder
+of the probed step where METRIC is best in DIR/selected/, an encoder source like any checkpoint.
 A resume refuses settings or data that would change what its steps compute, unless
 `--allow_config_change=KEY[,KEY...]` names them; every change is kept in config_history.jsonl
 (training/run_record.py).
@@ -39,11 +41,11 @@ from mefem_jax.data import mixture
 from mefem_jax.data.pipeline import make_train_iterator
 from mefem_jax.evaluation.online_probe import probe_during_training
 from mefem_jax.models import vit
-from mefem_jax.training import loop, sharding
+from mefem_jax.training import kept_step, loop, sharding
 from mefem_jax.training.metric_writer import read_metrics
 from mefem_jax.training.run_setup import prepare
 from mefem_jax.weights import encoders
-from mefem_jax.weights.runs import run_step
+from mefem_jax.weights.runs import SELECTED, run_step
 from mefem_jax.weights.timm_keys import ConversionError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vitb.py[:smoke].",
@@ -74,8 +76,14 @@ def train(config, workdir: str | Path, allow_config_change: tuple[str, ...] | li
 def pretraining_task(config, workdir: str | Path | None = None) -> loop.Task:
     """The JEPA run as the shared loop sees it: run_setup's step on the pretraining stream, probes of the
     target encoder every eval.every_steps, the pipeline's decoded/skipped counts saved with each step.
-    `workdir`'s metrics.jsonl, when there is one, gives a resumed run's probes their RankMe history."""
+    `workdir`'s metrics.jsonl, when there is one, gives a resumed run's probes their RankMe history; with
+    `eval.select`, the target encoder of the step where that probe metric is best is kept in
+    `workdir/selected/` (weights/runs.py reads it as an encoder)."""
     stats = loop.DataStats(mixture.source_names(config.data.train))
+    select = config.eval.get("select", "")  # configs saved before the key existed lack it
+    kept = None
+    if select and workdir is not None:
+        kept = kept_step.KeptStep(workdir, SELECTED, select, lambda step, metrics: _describe(config))
     pieces = {}  # the run's Pieces once prepared, for the probes
 
     def setup(cfg):
@@ -92,10 +100,25 @@ def pretraining_task(config, workdir: str | Path | None = None) -> loop.Task:
         stats.update(batch)
         return sharding.global_batch(np.asarray(batch["image"]), run.batch_sharding)
 
+    def evaluate(state):
+        params = _host_target(state)
+        metrics = probe_during_training(pieces["run"].pieces.objective.encoder, params, config.eval,
+                                        _history(workdir, pieces))
+        if kept is not None:
+            kept.consider(int(state.step), metrics, params)
+        return metrics
+
+    def counters():
+        return dict(stats.as_dict(), **(kept.counters() if kept is not None else {}))
+
+    def restore_counters(saved):
+        stats.restore(saved)
+        if kept is not None:
+            kept.restore(saved)
+
     return loop.Task(prepare=setup, data=data, fresh_state=lambda run: _fresh_state(run, config), inputs=inputs,
-                     evaluate=lambda state: _probe(pieces["run"].pieces, state, config, _history(workdir, pieces)),
-                     eval_every=int(config.eval.every_steps), counters=stats.as_dict,
-                     restore_counters=stats.restore)
+                     evaluate=evaluate, eval_every=int(config.eval.every_steps), counters=counters,
+                     restore_counters=restore_counters)
 
 
 def _history(workdir, pieces: dict) -> list[dict]:
@@ -106,14 +129,19 @@ def _history(workdir, pieces: dict) -> list[dict]:
     return pieces["history"]
 
 
-def _probe(pieces, state, config, history: list[dict]) -> dict:
-    """Linear probes of the current target encoder on the eval set (config.eval), on every process."""
+def _host_target(state) -> dict:
+    """The target encoder's params as host arrays, on every process (probed there, kept by process 0)."""
     params = state.target_params
     if jax.process_count() > 1:  # host copies of the (possibly cross-process) shards
         from jax.experimental import multihost_utils
 
         params = multihost_utils.process_allgather(params, tiled=True)
-    return probe_during_training(pieces.objective.encoder, params, config.eval, history)
+    return jax.device_get(params)
+
+
+def _describe(config) -> dict:
+    """What selected/selected.json says beside the step and its probes: enough to load and card it."""
+    return {"kind": "pretraining", "which": "target", "config": json.loads(config.to_json_best_effort())}
 
 
 def _fresh_state(run, config):

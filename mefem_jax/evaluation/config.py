@@ -22,6 +22,9 @@ def default_eval_config() -> ml_collections.ConfigDict:
     c.features = "cls"                      # comma list of cls, mean, grid, pixels
     c.grid_size = 2                         # the grid readout pools patch tokens to grid_size^2 cells
     c.probe_threads = 1                     # BLAS threads for the fits (probes.blas_threads)
+    # A probe metric (probe_age_mae, probe_gender_acc_grid, rankme_cls, ...): the target encoder of the step
+    # where it is best is kept in WORKDIR/selected/ (training/kept_step.py); "" keeps none.
+    c.select = ""
     return c
 
 
@@ -29,4 +32,6 @@ def default_eval_config() -> ml_collections.ConfigDict:
 EVAL_RULES = (
     checks.non_negative("every_steps"),
     checks.positive("max_images", "batch_size", "grid_size", "probe_threads"),
+    checks.Rule(("select",), lambda v: v == "" or str(v).startswith(("probe_", "rankme_")),
+                "'' or a probe metric of metrics.jsonl: probe_<target>_<metric>[_<readout>] or rankme_<readout>"),
 )

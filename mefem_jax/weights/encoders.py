@@ -4,6 +4,7 @@
     random:vitti@64:width=64,depth=2,heads=2,seed=1     ... at 64 px, with overrides
     WORKDIR                         a training run's folder holding checkpoints/ (newest step; runs.py)
     WORKDIR/checkpoints/N           one step of a run
+    WORKDIR/selected                the step a run's validation probes picked (eval.select)
     EXPORT_FOLDER                   model.safetensors or model.pth.tar, with config.json
     FILE.safetensors | FILE.pth.tar a timm state dict, a MeFEm release, or an I-JEPA checkpoint (files.py)
 
@@ -27,7 +28,7 @@ from mefem_jax.models.vit import ViT, encoder_from_config
 from mefem_jax.spec_options import split_options
 from mefem_jax.weights.files import folder_weights, read_state_dict
 from mefem_jax.weights.infer import infer_model_config
-from mefem_jax.weights.runs import load_run_encoder, run_step
+from mefem_jax.weights.runs import is_selected_step, load_run_encoder, load_selected_encoder, run_step
 from mefem_jax.weights.spec import LoadedEncoder, ModelSpecError, check_options, check_which, random_model_config
 from mefem_jax.weights.timm_keys import params_to_timm, timm_to_params
 
@@ -42,6 +43,9 @@ def load_encoder(spec: str, which: str = "target", dtype: str = "float32") -> Lo
         return _random_encoder(text, dtype)
     path_text, opts = split_options(text, ModelSpecError)
     path = Path(path_text)
+    if is_selected_step(path_text):
+        check_options(text, opts, ())
+        return load_selected_encoder(path_text, which, dtype)
     run = run_step(path_text)
     if run is not None:
         check_options(text, opts, ())
@@ -51,7 +55,7 @@ def load_encoder(spec: str, which: str = "target", dtype: str = "float32") -> Lo
     raise ModelSpecError(
         f"unknown model spec {spec!r}: expected random:vitti|vits|vitb|vitl[@SIZE][:key=value,...], "
         "a weights file (.pth.tar / .safetensors), an exported folder, or a training workdir "
-        "with checkpoints/")
+        "with checkpoints/ (or its selected/ step)")
 
 
 def load_encoder_params(source: str | Path, model_cfg, which: str = "target") -> dict:

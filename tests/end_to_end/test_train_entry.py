@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers.faces import UTKFACE, utkface_rows, write_labels
 from helpers.tiny_configs import TINY_RUN, as_flags
 
@@ -66,6 +68,7 @@ def test_cpu_recipe_trains_and_probes_through_the_entry_point(tmp_path):
                           "--config.log_every=2", "--config.eval.every_steps=2", "--config.eval.max_images=24",
                           "--config.eval.batch_size=8", f"--config.eval.train={spec}", f"--config.eval.test={spec}",
                           "--config.eval.targets=age:regression", "--config.loss.sigreg.weight=0.05",
+                          "--config.eval.select=probe_age_mae",
                           "--config.model.width=32", "--config.model.depth=1", "--config.model.heads=2",
                           "--config.predictor.width=16", "--config.predictor.depth=1", "--config.predictor.heads=2",
                           "--config.data.batch_size=8"],
@@ -79,4 +82,23 @@ def test_cpu_recipe_trains_and_probes_through_the_entry_point(tmp_path):
         assert 1.0 <= r["rankme_patch"] <= 32
     trained = [r for r in metrics if "loss" in r]
     assert all(r["sigreg"] > 0 and r["loss"] > r["loss_jepa"] for r in trained)
-    assert json.loads((workdir / "config.json").read_text())["model"]["patch_size"] == 8
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["patch_size"] == 8
+
+    # eval.select keeps the target encoder of the best-probed step; loaded back, it probes as logged.
+    from ml_collections import ConfigDict
+    from mefem_jax.evaluation.online_probe import probe_during_training
+    from mefem_jax.weights.encoders import load_encoder
+
+    kept = json.loads((workdir / "selected" / "selected.json").read_text())
+    best = min(probed, key=lambda r: r["probe_age_mae"])
+    assert kept["step"] == best["step"] and kept["val"]["probe_age_mae"] == best["probe_age_mae"]
+    loaded = load_encoder(str(workdir / "selected"))
+    assert loaded.identity["step"] == best["step"] and loaded.run_config["total_steps"] == 4
+    again = probe_during_training(loaded.encoder, loaded.params, ConfigDict(config["eval"]))
+    assert again["probe_age_mae"] == pytest.approx(best["probe_age_mae"], rel=1e-4)
+    from mefem_jax.export import _load  # what export --checkpoint=WORKDIR/selected writes on the model card
+
+    card = _load(str(workdir / "selected"), "target", None, from_run=False)[2]
+    assert card["selected by"] == f"validation probe_age_mae = {best['probe_age_mae']:.4g}"
+    assert card["source"].endswith(f"run, step {best['step']}")

@@ -160,11 +160,19 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):  # 
     ("checkpoint.every_steps", 0, "a number > 0"),
     ("model.image_size", 100, "a multiple of model.patch_size=16"),
     ("eval.grid_size", 8, "at most the model's patch grid side, 7"),  # with the grid readout below
+    ("eval.select", "age_mae", "'' or a probe metric of metrics.jsonl: probe_<target>_<metric>[_<readout>] "
+                               "or rankme_<readout>"),
 ])
 def test_config_values_are_checked_at_start_up(key, value, allowed):  # defect 7
     with pytest.raises(ConfigError) as error:
         validate_config(tiny_config(**{key: value, "eval.features": "cls,grid"}))
     assert str(error.value) == f"{key}={value!r} is not allowed; allowed: {allowed}"
+
+
+def test_a_kept_step_needs_probes():
+    with pytest.raises(ConfigError, match=r"^eval.every_steps=0 is not allowed; allowed: > 0 with "
+                                          r"eval.select='probe_age_mae'"):
+        validate_config(tiny_config(**{"eval.every_steps": 0, "eval.select": "probe_age_mae"}))
 
 
 def test_incompatible_checkpoint_is_one_line(tmp_path):  # defect 14 (the refusal itself: test_resume.py)
