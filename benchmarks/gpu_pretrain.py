@@ -32,9 +32,12 @@ summary.md, so nothing ends without one):
              faces) and scored on --probe_val, plus RankMe, as the train loop reports them. The probe fits
              run on one CPU core while the GPU waits: on real width-384 embeddings of 2,000 faces the CLS
              probes took 21 s of a core here, the mean-pool and 2x2-grid ones 22 s and 69 s more, which
-             at four probes and two in calibration would leave no time to train. At its time limit the run
-             gets SIGTERM, saves its step and stops (exit 3), so evaluation still has an encoder.
-  eval       `python -m mefem_jax.evaluate` on the final target encoder and, in parallel, on its random
+             at four probes and two in calibration would leave no time to train. The run keeps the target
+             encoder of the probed step where --select is best (eval.select, WORKDIR/selected/): a long
+             run's CLS can narrow after it peaks (docs/RESULTS.md, the 3,000-step run). At its time limit
+             the run gets SIGTERM, saves its step and stops (exit 3), so evaluation still has an encoder.
+  eval       `python -m mefem_jax.evaluate` on that selected encoder (the last checkpoint's when there is
+             none) and, in parallel, on its random
              twin with the raw-pixel baseline: probes fitted on --probe_fit (2,000 faces: at 5,000 the
              grid probes of one encoder took 5.6 minutes of a core here), scored once on --probe_test;
              then scripts/summarize_curves.py (curves and tables) and scripts/paired_compare.py
@@ -336,7 +339,7 @@ def train_command(run: Run, workdir: Path, steps: int, every: int, log_every: in
              "checkpoint.every_steps": every, "checkpoint.max_to_keep": 2, "model.attention": a.attention,
              "eval.every_steps": every, "eval.train": a.probe_train, "eval.test": a.probe_val,
              "eval.targets": a.targets, "eval.features": TRAIN_PROBE_FEATURES, "eval.grid_size": 2,
-             "eval.max_images": m.max_images, "eval.batch_size": m.eval_batch}
+             "eval.max_images": m.max_images, "eval.batch_size": m.eval_batch, "eval.select": a.select}
     flags.update({f"model.{k}": v for k, v in m.model.items()})
     flags.update({f"predictor.{k}": v for k, v in m.predictor.items()})
     return [sys.executable, "-m", "mefem_jax.train", f"--config={m.config}", f"--workdir={workdir}",
@@ -447,8 +450,15 @@ def evaluate(run: Run) -> None:
     a, m = run.args, run.mode
     workdir = run.work / "run" / "mefem_s0"
     models = {"random": m.random_spec}
-    if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+    selected = workdir / "selected" / "selected.json"
+    if selected.is_file():  # the step the validation probes picked (--select), not necessarily the last
+        kept = json.loads(selected.read_text())
+        models = {"mefem": str(workdir / "selected"), **models}
+        run.note(f"- the pretrained encoder scored is step {kept['step']:,}'s, picked by validation {kept['select']} "
+                 f"= {kept['val'][kept['select']]:.4g} among the probed steps")
+    elif (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
         models = {"mefem": str(workdir), **models}
+        run.note("- no selected step (selected/): the pretrained encoder scored is the last checkpoint's")
     else:
         run.note(f"- no pretrained checkpoint in {workdir}: the random twin and pixels only")
     limit = min(run.left() - 20, 300)
@@ -499,6 +509,16 @@ def report_table(path: Path, label: str) -> str:
     return "\n".join(lines + ([f"\nRankMe on the test faces: {ranks}"] if ranks else []))
 
 
+def default_select(targets: str) -> str:
+    """The first target's headline probe metric on CLS, as the train loop logs it (online_probe.py)."""
+    name, _, kind = targets.split(",")[0].partition(":")
+    metric = {"regression": "mae", "classification": "acc", "survival": "c_index"}.get(kind.strip())
+    if not name.strip() or metric is None:
+        raise UsageError(f"--targets {targets!r}: the first must be NAME:regression|classification|survival, "
+                         "or give --select")
+    return f"probe_{name.strip()}_{metric}"
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Mode]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="what comes back: summary.md, env.json, curves, results.tar.gz")
@@ -519,6 +539,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Mode]:
                    "300 with --cpu)")
     p.add_argument("--probe_test", help="... and scored once on (default DATA/test)")
     p.add_argument("--targets", default=TARGETS)
+    p.add_argument("--select", help="the validation probe metric whose best step is scored on --probe_test "
+                   "(eval.select; default the first target's MAE or accuracy on CLS, e.g. probe_age_mae)")
     p.add_argument("--work", help="checkpoints and results, kept between calls (default runs/gpu_pretrain[_cpu])")
     p.add_argument("--wheels", help="install the wheels here into --site first (default .whl; none with --cpu)")
     p.add_argument("--site", default="/tmp/site")
@@ -534,6 +556,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Mode]:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, str(value) if isinstance(value, Path) else value)
+    args.select = args.select or default_select(args.targets)
     if args.minutes <= 0 or args.budget_s <= 0 or args.probes < 1:
         raise UsageError("--minutes, --budget_s and --probes must be positive")
     for spec in {args.pretrain_data, args.probe_train, args.probe_val, args.probe_test}:

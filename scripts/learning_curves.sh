@@ -38,6 +38,9 @@ STEPS=${STEPS:-600}
 EVAL_EVERY=${EVAL_EVERY:-200}
 WARMUP=${WARMUP:-$((STEPS / 10))}  # the recipe's 10 % of the run (60 of 600 steps)
 SIGREG=${SIGREG:-0.05}
+# Each run keeps the target encoder of its best validation step by this probe metric in WORKDIR/selected/
+# (a fine-tune's init); the test phase still scores each run's last step, as the studies report.
+SELECT=${SELECT:-probe_age_mae}
 FACES=${FACES:-../shared/data/utkface}
 LABELS="$OUT/labels.csv"
 IMAGES="$FACES/images"
@@ -83,7 +86,7 @@ for run in $RUNS; do
       --config.total_steps="$STEPS" --config.optim.warmup_steps="$WARMUP" --config.eval.every_steps="$EVAL_EVERY" \
       --config.data.train="$OUT/shards_train" --config.data.workers=1 \
       --config.eval.train="$VAL_TRAIN" --config.eval.test="$VAL" --config.eval.max_images=2000 \
-      --config.eval.targets="$TARGETS" $(setting_flags "$setting")
+      --config.eval.targets="$TARGETS" --config.eval.select="$SELECT" $(setting_flags "$setting")
   fi
   if [[ $PHASE != train ]]; then
     evaluate "$workdir" "$OUT/test_${setting}_s${seed}" "$TEST_TRAIN" "$TEST" cls,mean,grid
