@@ -1,9 +1,14 @@
 """The kept step (training/kept_step.py): which direction is better, what is written, what a resume keeps."""
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from helpers.repo import REPO
 from mefem_jax.training import kept_step
 from mefem_jax.training.kept_step import KeptStep
 
@@ -49,3 +54,33 @@ def test_a_resume_compares_with_the_checkpoints_kept_value_of_the_same_metric(tm
     older = KeptStep(tmp_path, "best", "loss")  # counters written before the metric's name was kept
     older.restore({"best_step": 3, "best_value": 0.5})
     assert (older.step, older.value) == (3, 0.5)
+
+
+_WORKER = """
+import sys
+import jax
+jax.distributed.initialize(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))
+import numpy as np
+from mefem_jax.training.kept_step import KeptStep
+KeptStep(sys.argv[3], "selected", "probe_age_mae").consider(3, {"probe_age_mae": 1.0}, {"w": np.ones(4)})
+jax.distributed.shutdown()
+"""
+
+
+def test_in_a_two_process_run_process_0_writes_alone(tmp_path):
+    """Every process considers the step and only process 0 writes; Orbax's default checkpointer would
+    wait at a barrier for the others, which never save: with it, this test fails after ~30 s."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(i), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    params, record = kept_step.read(tmp_path / "selected", "selected")
+    assert record["step"] == 3 and params["w"].tolist() == [1.0] * 4
