@@ -37,9 +37,10 @@ from ml_collections import config_flags
 from mefem_jax import cli
 from mefem_jax.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_FINISHED, EXIT_PREEMPTED  # noqa: F401 - in README
 from mefem_jax.config import validate_config
+from mefem_jax.config_checks import ConfigError
 from mefem_jax.data import mixture
 from mefem_jax.data.pipeline import make_train_iterator
-from mefem_jax.evaluation.online_probe import probe_during_training
+from mefem_jax.evaluation.online_probe import metric_names, probe_during_training
 from mefem_jax.models import vit
 from mefem_jax.training import kept_step, loop, sharding
 from mefem_jax.training.metric_writer import read_metrics
@@ -82,6 +83,9 @@ def pretraining_task(config, workdir: str | Path | None = None) -> loop.Task:
     stats = loop.DataStats(mixture.source_names(config.data.train))
     select = config.eval.get("select", "")  # configs saved before the key existed lack it
     kept = None
+    if select and select not in metric_names(config.eval):  # before any step: a typo would cost a probe interval
+        raise ConfigError(f"eval.select={select!r} is not allowed; allowed: one of the probe columns "
+                          f"{metric_names(config.eval)}")
     if select and workdir is not None:
         kept = kept_step.KeptStep(workdir, SELECTED, select, lambda step, metrics: _describe(config))
     pieces = {}  # the run's Pieces once prepared, for the probes

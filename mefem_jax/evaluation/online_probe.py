@@ -115,6 +115,24 @@ def _watch(test_spec: str, encoder: ViT, history: Iterable[dict]) -> rankme.Coll
     return _WATCH[key]
 
 
+def _features(eval_cfg) -> list[str]:
+    return [f.strip() for f in eval_cfg.features.split(",") if f.strip()]
+
+
+def _metric_name(target, short: str, feature: str) -> str:
+    """probe_<target>_<metric>, with _<readout> for readouts other than CLS: probe_age_mae_grid."""
+    return f"probe_{'_'.join(target.columns)}_{short}" + ("" if feature == "cls" else f"_{feature}")
+
+
+def metric_names(eval_cfg: ml_collections.ConfigDict) -> list[str]:
+    """The probe and RankMe columns `probe_during_training` logs under `eval_cfg` (what eval.select may name)."""
+    from mefem_jax.evaluation.targets import parse_targets  # the probes' imports, as in probe_during_training
+
+    names = [_metric_name(target, short, feature) for target in parse_targets(eval_cfg.targets)
+             for feature in _features(eval_cfg) for short in _HEADLINE.get(target.kind, {}).values()]
+    return names + [f"rankme_{readout}" for readout in ("cls", "mean", "patch")]
+
+
 def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigDict,
                           history: Iterable[dict] = ()) -> dict[str, float]:
     """Embed the held eval splits with `params` and fit the configured probes (module docstring).
@@ -128,7 +146,7 @@ def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigD
 
     t0 = time.perf_counter()
     targets = parse_targets(eval_cfg.targets)
-    features = [f.strip() for f in eval_cfg.features.split(",") if f.strip()]
+    features = _features(eval_cfg)
     size = encoder.image_size
     g = int(eval_cfg.get("grid_size", GRID_SIZE))  # configs saved before the key existed lack it
     train = compute_embeddings(encoder, params, _held_images(eval_cfg.train, size, eval_cfg, "train"), grid_size=g)
@@ -139,12 +157,10 @@ def probe_during_training(encoder: ViT, params, eval_cfg: ml_collections.ConfigD
     out: dict[str, float] = {}
     with blas_threads(eval_cfg.get("probe_threads", 1) or None):
         for target in targets:
-            name = "_".join(target.columns)
             for feature in features:
                 row, _ = probe_target(target, train, test, feature)
-                suffix = "" if feature == "cls" else f"_{feature}"
                 for metric, short in _HEADLINE[target.kind].items():
-                    out[f"probe_{name}_{short}{suffix}"] = float(row["metrics"][metric])
+                    out[_metric_name(target, short, feature)] = float(row["metrics"][metric])
     ranks = rankme.health(test.features, test.tokens)
     for line in _watch(eval_cfg.test, encoder, history).check(ranks):
         logging.warning("representation health: %s", line)

@@ -90,6 +90,10 @@ def test_cpu_recipe_trains_and_probes_through_the_entry_point(tmp_path):
     from mefem_jax.evaluation.online_probe import probe_during_training
     from mefem_jax.weights.encoders import load_encoder
 
+    # the columns eval.select may name are the ones the probes log
+    from mefem_jax.evaluation.online_probe import metric_names
+    logged = {k for k in probed[0] if k.startswith(("probe_", "rankme_")) and k != "probe_seconds"}
+    assert logged == set(metric_names(ConfigDict(config["eval"])))
     kept = json.loads((workdir / "selected" / "selected.json").read_text())
     best = min(probed, key=lambda r: r["probe_age_mae"])
     assert kept["step"] == best["step"] and kept["val"]["probe_age_mae"] == best["probe_age_mae"]

@@ -169,10 +169,16 @@ def test_config_values_are_checked_at_start_up(key, value, allowed):  # defect 7
     assert str(error.value) == f"{key}={value!r} is not allowed; allowed: {allowed}"
 
 
-def test_a_kept_step_needs_probes():
+def test_a_kept_step_needs_probes_and_a_column_they_log(tmp_path):
     with pytest.raises(ConfigError, match=r"^eval.every_steps=0 is not allowed; allowed: > 0 with "
                                           r"eval.select='probe_age_mae'"):
         validate_config(tiny_config(**{"eval.every_steps": 0, "eval.select": "probe_age_mae"}))
+    # the default probes are of the synthetic faces' face_width and skin_tone, on CLS
+    config = tiny_config(**{"eval.every_steps": 2, "eval.select": "probe_face_widht_mae"})
+    with pytest.raises(ConfigError, match=r"^eval.select='probe_face_widht_mae' is not allowed; allowed: one "
+                                          r"of the probe columns \['probe_face_width_mae', 'probe_face_width_r2', "):
+        train_module.pretraining_task(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_incompatible_checkpoint_is_one_line(tmp_path):  # defect 14 (the refusal itself: test_resume.py)
