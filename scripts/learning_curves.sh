@@ -23,6 +23,8 @@
 #                 SIGREG (losses.sigreg)
 #   mefem_lr4x    MeFEm-full at 4x the recipe's learning rate (4e-3 at batch 2048); docs/RESULTS.md ran
 #                 it with STEPS=800 EVAL_EVERY=100
+#   lr4x_cls_context  mefem_lr4x with CLS always in the context (no CLS reassignment): does predicting
+#                 the target CLS narrow it? (docs/RESULTS.md, "Where the CLS narrowing comes from")
 # Warm-up is 10 % of STEPS (WARMUP overrides it), as in the recipe at its 600 steps.
 # The last two are the knob trials of docs/RESULTS.md, judged on the validation split.
 # A run that finished is skipped; an interrupted one resumes from its last checkpoint. About 20 min a
@@ -67,6 +69,7 @@ setting_flags() {  # the flags that make a setting, on top of configs/vits.py:cp
     multiblock) echo "--config.mask.strategy=multiblock --config.loss.circular.enabled=False --config.loss.cls.p_target=0" ;;
     mefem_sigreg) echo "--config.loss.sigreg.weight=$SIGREG --config.optim.lr=4e-3 --config.optim.final_lr=1e-5" ;;
     mefem_lr4x) echo "--config.optim.lr=4e-3 --config.optim.final_lr=1e-5" ;;
+    lr4x_cls_context) echo "--config.optim.lr=4e-3 --config.optim.final_lr=1e-5 --config.loss.cls.p_target=0" ;;
     *) echo "unknown setting $1" >&2; return 1 ;;
   esac
 }

@@ -27,6 +27,7 @@ LABELS = {
     "stripes": "stripes only",
     "multiblock": "multiblock (I-JEPA)",
     "mefem_lr4x": "MeFEm-full, 4x lr",
+    "lr4x_cls_context": "4x lr, CLS always in the context (no reassignment)",
     "mefem_sigreg": "MeFEm-full + SIGReg 0.05, 4x lr",
     "random": "random init (same ViT)",
 }
