@@ -83,9 +83,9 @@ def pretraining_task(config, workdir: str | Path | None = None) -> loop.Task:
     stats = loop.DataStats(mixture.source_names(config.data.train))
     select = config.eval.get("select", "")  # configs saved before the key existed lack it
     kept = None
-    if select and select not in metric_names(config.eval):  # before any step: a typo would cost a probe interval
-        raise ConfigError(f"eval.select={select!r} is not allowed; allowed: one of the probe columns "
-                          f"{metric_names(config.eval)}")
+    names = metric_names(config.eval) if select else []
+    if select and select not in names:  # before any step: a typo would cost a probe interval
+        raise ConfigError(f"eval.select={select!r} is not allowed; allowed: one of the probe columns {names}")
     if select and workdir is not None:
         kept = kept_step.KeptStep(workdir, SELECTED, select, lambda step, metrics: _describe(config))
     pieces = {}  # the run's Pieces once prepared, for the probes

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 LOWER_IS_BETTER = ("loss", "mae", "rmse")
 # Readouts other than CLS add their name to a probe metric (evaluation/online_probe.py): probe_age_mae_grid.
@@ -108,9 +109,10 @@ class KeptStep:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read(path: Path, name: str) -> tuple[Any, dict]:
-    """(params as host numpy arrays, <name>.json) of a kept-step folder, whatever mesh wrote it."""
-    path = Path(path).absolute()  # Orbax wants absolute paths
+def read(path, name: str) -> tuple[Any, dict]:
+    """(params as host numpy arrays, <name>.json) of a kept-step folder (local or gs://), whatever mesh
+    wrote it."""
+    path = epath.Path(path if "://" in str(path) else Path(path).absolute())  # Orbax wants absolute paths
     record_path = path / f"{name}.json"
     if not record_path.is_file():
         raise FileNotFoundError(f"{path} holds no kept step ({name}.json)")

@@ -25,14 +25,12 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import jax
-import ml_collections
 import numpy as np
 from safetensors.numpy import save as safetensors_bytes
 
 from mefem_jax.models.vit import encoder_dims, unstack_blocks
 from mefem_jax.weights.release import CARD_MARK, EXPORT_FORMATS, save_pth, timm_architecture, timm_config
-from mefem_jax.weights.spec import model_config
+from mefem_jax.weights.spec import saved_model_config
 from mefem_jax.weights.timm_keys import ConversionError, params_to_timm, to_float32
 
 # readout -> timm's `global_pool`. Both keep `fc_norm=False` (see classifier_timm_config).
@@ -345,28 +343,18 @@ def load_finetuned(workdir: str | Path):
     evaluation schema (weights/spec.model_config, unrolled blocks) with best.json's architecture;
     best: best.json itself (step, val, init, ...).
     """
-    import orbax.checkpoint as ocp  # heavy, and only this reader needs it
+    from mefem_jax.training import kept_step  # Orbax: heavy, and only this reader needs it
 
     local = "://" not in str(workdir)
-    best_dir = _epath(Path(workdir).absolute() if local else workdir) / BEST_DIR  # Orbax wants absolute paths
+    best_dir = _epath(Path(workdir).absolute() if local else workdir) / BEST_DIR
     if not (best_dir / BEST_JSON).exists():
         raise FileNotFoundError(f"{workdir} is not a fine-tune workdir: no {BEST_DIR}/{BEST_JSON}")
-    best = json.loads((best_dir / BEST_JSON).read_text())
+    params, best = kept_step.read(best_dir, BEST_DIR)  # host arrays, whatever mesh saved them
     missing = [k for k in ("readout", "model", "outputs") if k not in best]
     if missing:
         raise ValueError(f"{best_dir / BEST_JSON} lacks {missing}")
     readout = check_readout(best["readout"])
-    saved = best["model"]
-    model_cfg: ml_collections.ConfigDict = model_config(
-        saved["variant"], saved.get("dtype", "float32"),
-        **{k: saved.get(k) for k in ("image_size", "patch_size", "posemb", "width", "depth", "heads")})
-    if not (best_dir / BEST_PARAMS).exists():
-        raise FileNotFoundError(f"no {BEST_DIR}/{BEST_PARAMS} checkpoint in {workdir}")
-    with ocp.StandardCheckpointer() as checkpointer:
-        path = best_dir / BEST_PARAMS
-        # A numpy target: restored onto the host whatever mesh saved it (no device shardings to match).
-        target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), checkpointer.metadata(path).item_metadata.tree)
-        params = checkpointer.restore(path, target)
+    model_cfg = saved_model_config(best["model"], best["model"].get("dtype", "float32"))
     if not isinstance(params.get("encoder"), Mapping):
         raise ConversionError(f"{best_dir / BEST_PARAMS} is not a fine-tuned model",
                               [f"it holds {sorted(params)}; a fine-tuned model has 'encoder' and 'head'"])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mefem_jax.models.vit import encoder_from_config, unstack_blocks
 from mefem_jax.training import checkpoint, kept_step
-from mefem_jax.weights.spec import LoadedEncoder, ModelSpecError, check_which, model_config
+from mefem_jax.weights.spec import LoadedEncoder, ModelSpecError, check_which, saved_model_config
 
 
 SELECTED = "selected"  # WORKDIR/selected/{params, selected.json}
@@ -45,9 +45,7 @@ def load_run_encoder(workdir: str, which: str = "target", dtype: str = "float32"
     """A training run's encoder at `step` (default the newest); `run_config` is the run's saved config."""
     check_which(which)
     params, config, step = checkpoint.load_params_for_eval(workdir, which, step)
-    saved = config["model"]
-    cfg = model_config(saved["variant"], dtype, **{k: saved.get(k) for k in (
-        "image_size", "patch_size", "posemb", "width", "depth", "heads")})
+    cfg = saved_model_config(config["model"], dtype)
     local = "://" not in workdir
     step_dir = Path(workdir) / "checkpoints" / str(step)
     identity = {"kind": "workdir", "path": str(Path(workdir).resolve()) if local else workdir,
@@ -68,9 +66,7 @@ def load_selected_encoder(folder: str, which: str = "target", dtype: str = "floa
     if record.get("kind") != "pretraining" or "config" not in record:
         raise ModelSpecError(f"{folder}/{SELECTED}.json is not a pretraining run's selected step")
     config = record["config"]
-    saved = config["model"]
-    cfg = model_config(saved["variant"], dtype, **{k: saved.get(k) for k in (
-        "image_size", "patch_size", "posemb", "width", "depth", "heads")})
+    cfg = saved_model_config(config["model"], dtype)
     path = Path(folder).resolve()
     identity = {"kind": "selected", "path": str(path), "step": int(record["step"]), "which": which,
                 "mtime_ns": (path / f"{SELECTED}.json").stat().st_mtime_ns,

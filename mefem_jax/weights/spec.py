@@ -77,6 +77,12 @@ def model_config(variant: str, dtype: str = "float32", **arch) -> ml_collections
     return cfg
 
 
+def saved_model_config(saved: dict, dtype: str = "float32") -> ml_collections.ConfigDict:
+    """`model_config` for the `model` section a run saved (its config.json, a checkpoint, a kept step)."""
+    return model_config(saved["variant"], dtype, **{k: saved.get(k) for k in (
+        "image_size", "patch_size", "posemb", "width", "depth", "heads")})
+
+
 def random_model_config(spec: str, dtype: str = "float32") -> tuple[ml_collections.ConfigDict, int]:
     """`random:NAME[@SIZE][:options]` -> (model config, init seed)."""
     head, opts = split_options(spec, ModelSpecError)
